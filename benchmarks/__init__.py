@@ -1,0 +1,1 @@
+"""mmkernels benchmarks: ``python -m benchmarks`` runs the default suite (see README)."""

@@ -1,0 +1,157 @@
+"""Shared benchmark utilities: timing statistics, the FLOP formula, peak memory,
+and result rows stamped with where and when they were measured."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS_DIR.parent.parent
+
+
+def contrastive_flops(n: int, m: int, d: int, passes: str = "fwd+bwd") -> float:
+    """FLOPs of the GEMM floor of the contrastive primitive: one N x M x D matrix
+    product (2*N*M*D) for the forward, three for the backward (recompute S, dA, dB)."""
+    gemm = 2.0 * n * m * d
+    return {"fwd": 1, "bwd": 3, "fwd+bwd": 4}[passes] * gemm
+
+
+def quantiles(samples: list[float]) -> dict:
+    """Median and 20/80% quantiles (seconds) of timing samples."""
+    ordered = sorted(samples)
+
+    def q(p):
+        k = (len(ordered) - 1) * p
+        lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+    return {"median_s": median(ordered), "q20_s": q(0.2), "q80_s": q(0.8), "samples": len(ordered)}
+
+
+def time_cpu(fn, *, warmup: int = 1, reps: int = 3, max_seconds: float = 60.0) -> dict:
+    """Wall-clock timing of ``fn()`` on CPU: warm-up runs, then up to ``reps`` timed runs
+    (fewer if they would pass ``max_seconds``)."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < reps and (not samples or time.perf_counter() - start < max_seconds):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return quantiles(samples)
+
+
+def time_cuda(fn) -> dict:
+    """GPU timing with triton.testing.do_bench (L2 flushed between runs)."""
+    import triton.testing
+
+    ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return {"median_s": ms[0] / 1e3, "q20_s": ms[1] / 1e3, "q80_s": ms[2] / 1e3, "samples": None}
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    """Current (VmRSS) or peak (VmHWM) resident memory of this process, MiB (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux clear_refs), so a later peak is the step's own."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    """Where and when: device, versions, git sha, date."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, cpu)"
+        try:
+            with open("/proc/cpuinfo") as info:
+                for line in info:
+                    if line.startswith("model name"):
+                        device = f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores, cpu)"
+                        break
+        except OSError:
+            pass
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import mmkernels
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "mmkernels": mmkernels.__version__,
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def append_rows(name: str, rows: list[dict]) -> tuple[Path, Path]:
+    """Append rows to results/<name>.jsonl and results/<name>.csv; returns the paths."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    jsonl, csv_path = RESULTS_DIR / f"{name}.jsonl", RESULTS_DIR / f"{name}.csv"
+    with open(jsonl, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    fields = sorted({k for row in rows for k in row})
+    new_file = not csv_path.exists()
+    if not new_file:
+        with open(csv_path) as f:
+            existing = next(csv.reader(f), [])
+        fields = existing + [k for k in fields if k not in existing]
+        if fields != existing:  # a new column: rewrite the header with the old rows
+            with open(csv_path) as f:
+                old = list(csv.DictReader(f))
+            with open(csv_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(old)
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+    return jsonl, csv_path
+
+
+def run_child(module: str, args: list[str], timeout: float = 1800) -> dict:
+    """Run ``python -m module args`` in a fresh process (so its peak RSS is its own);
+    returns the JSON object it prints last."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,30 @@
+"""mmkernels: memory-efficient fused kernels for contrastive multimodal training.
+
+The public API (names and semantics fixed by the project's API contract):
+
+- :func:`contrastive_loss`: symmetric CLIP loss, never holding the N x N matrix
+- :func:`info_nce`: one-direction InfoNCE over a rectangular similarity matrix
+- :func:`similarity_logsumexp`: the tiled primitive (row and column logsumexp)
+- :func:`normalized_similarity`: cosine-similarity matrix, normalization fused
+- :class:`ClipLoss`: drop-in for open_clip's ClipLoss
+- :func:`available_backends`: which kernel families run here
+"""
+
+__version__ = "0.1.0"
+
+from mmkernels import backends
+from mmkernels.backends import available_backends
+from mmkernels.nn import ClipLoss
+from mmkernels.ops import contrastive_loss, info_nce, normalized_similarity, similarity_logsumexp
+
+backends.load_available_kernels()
+
+__all__ = [
+    "ClipLoss",
+    "available_backends",
+    "contrastive_loss",
+    "info_nce",
+    "normalized_similarity",
+    "similarity_logsumexp",
+    "__version__",
+]
