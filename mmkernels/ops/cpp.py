@@ -19,9 +19,10 @@ op                     contract
 
 Numerics: products and statistics in fp32 (fp64 for fp64 inputs) whatever the
 input dtype; fp16/bf16 inputs are converted to fp32 operands once, O(N*D).
-The CPU tile kernels' exp is a vectorized polynomial within 2 ulp of expf
-(csrc/cpu/tile_ops_simd.inc); the instruction set (AVX-512, AVX2+FMA or
-portable C++) is chosen at run time: :func:`cpu_isa` says which.
+The CPU tile kernels' exp is a vectorized polynomial within 1 ulp of the
+correctly rounded exp (csrc/cpu/tile_ops_simd.inc); the instruction set
+(AVX-512, AVX2+FMA or portable C++) is chosen at run time: :func:`cpu_isa`
+says which.
 """
 
 from __future__ import annotations
