@@ -153,7 +153,11 @@ def build_ext_class():
                     self.extensions = []
                     return
                 _note(f"the CUDA kernels failed to build ({error}); building the CPU kernels only")
-                self.extensions = fallbacks
+                for ext, cpu in zip(self.extensions, fallbacks):
+                    # In place: setuptools has already annotated these objects.
+                    for field in ("sources", "include_dirs", "library_dirs", "libraries",
+                                  "define_macros", "extra_compile_args", "extra_link_args"):
+                        setattr(ext, field, getattr(cpu, field))
                 self._fallback_run = True
                 self.compiler = None  # a fresh compiler: BuildExtension patched this one
                 try:

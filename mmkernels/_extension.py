@@ -9,6 +9,7 @@ it and the warning.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -25,13 +26,16 @@ def _load():
     if os.environ.get(NO_EXT_VAR, "").strip().lower() in ("1", "true", "yes", "on"):
         return None, f"the C++ extension mmkernels._C is disabled by {NO_EXT_VAR}"
     try:
-        from mmkernels import _C  # registers the C++ kernels with the dispatcher
+        # Importing registers the C++ kernels with the dispatcher.
+        module = importlib.import_module("mmkernels._C")
     except (ImportError, OSError) as error:
         why = f"the C++ extension mmkernels._C is not available ({error})"
-        warnings.warn(f"mmkernels: {why}; the cpu and cuda backends are off, the others run "
-                      f"(set {NO_EXT_VAR}=1 to silence this)", ExtensionWarning, stacklevel=3)
+        # No source location: the warning prints as this one line.
+        warnings.warn_explicit(f"{why}; the cpu and cuda backends are off, the others run "
+                               f"(set {NO_EXT_VAR}=1 to silence this)", ExtensionWarning,
+                               filename="<mmkernels>", lineno=0, module="mmkernels")
         return None, why
-    return _C, None
+    return module, None
 
 
 _C, _WHY_NOT = _load()

@@ -79,8 +79,8 @@ def test_missing_extension_warns_once_in_one_line():
         assert "hidden by the test" in backends.why_unavailable("cpu", torch.device("cpu"))
         print(float(mmkernels.contrastive_loss(torch.randn(4, 3), torch.randn(4, 3))))
     """)
-    lines = [line for line in out.stderr.splitlines() if "ExtensionWarning" in line]
-    assert len(lines) == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ExtensionWarning" in lines[0], out.stderr
     assert "hidden by the test" in lines[0] and "MMKERNELS_NO_EXT" in lines[0]
 
 
