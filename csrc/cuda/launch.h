@@ -57,8 +57,9 @@ cudaError_t similarity_fwd(const Operands& x, void* out, cudaStream_t stream);
 
 namespace mmkernels::cuda {
 
-// Rows of S per band (host code, ops_cuda.cpp): the backward writes P one band
-// at a time. 0 (the default) sizes bands to about 256 MiB of P; tests set a
+// Rows of S per band (host code, ops_cuda.cpp): the forward keeps column
+// statistics per 64 rows of a band, the backward writes P one band at a time.
+// 0 (the default) sizes bands to about 256 MiB of that scratch; tests set a
 // small count so that small shapes span several bands. Returns the previous value.
 int64_t set_band_rows(int64_t rows);
 

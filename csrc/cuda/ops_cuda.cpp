@@ -3,7 +3,7 @@
 //
 // Forward: per band of rows, lse_fwd_band (row statistics complete, column
 // statistics per 64-row block) then merge_col_stats: S is computed once.
-// Backward: per band of rows, lse_bwd_band writes P (band x M), then
+// Backward: per band of rows, lse_bwd_band writes P (band x M, about 256 MiB), then
 // pb[band] = P @ Bh and pa += P^T @ Ah[band] with cuBLAS (at::mm): S is
 // recomputed once, 4 GEMM-equivalents in all, extra memory one band of P.
 // Everything runs on the current CUDA stream of the inputs' device.
@@ -47,9 +47,10 @@ DType dtype_of(at::ScalarType type) {
   }
 }
 
-int64_t band_rows(int64_t n, int64_t m, int64_t bytes_per_logit) {
+// Rows per band when each row of the band costs `bytes_per_row` of scratch.
+int64_t band_rows(int64_t n, int64_t bytes_per_row) {
   int64_t rows = g_band_rows.load();
-  if (rows <= 0) rows = kBandBytes / std::max<int64_t>(1, m * bytes_per_logit);
+  if (rows <= 0) rows = kBandBytes / std::max<int64_t>(1, bytes_per_row);
   rows = std::max<int64_t>(kTileRows, rows / kTileRows * kTileRows);
   return std::min(rows, n);
 }
@@ -113,7 +114,9 @@ std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tenso
   Tensor row_lse = at::empty({n}, opts);
   Tensor col_max = at::full({m}, -std::numeric_limits<double>::infinity(), opts);
   Tensor col_sum = at::zeros({m}, opts);
-  const int64_t band = band_rows(n, m, at::elementSize(compute));
+  // Scratch per row: its block's share of the column statistics (2 values per
+  // column per 64 rows), so bands are long and the grid fills the GPU.
+  const int64_t band = band_rows(n, ceil_div(2 * m * at::elementSize(compute), kTileRows));
   Tensor part_max = at::empty({ceil_div(band, kTileRows), m}, opts);
   Tensor part_sum = at::empty_like(part_max);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -150,7 +153,7 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
   auto vec = [&](const Tensor& t) { return t.to(compute).contiguous(); };
   const Tensor rl = vec(row_lse), cl = vec(col_lse), gr = vec(g_row), gc = vec(g_col);
   Tensor pb = at::empty({n, d}, opts), pa = at::empty({m, d}, opts);
-  const int64_t band = band_rows(n, m, at::elementSize(p_type));
+  const int64_t band = band_rows(n, m * at::elementSize(p_type));  // a row of P
   Tensor pband = at::empty({band, m}, a.options().dtype(p_type));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t r0 = 0; r0 < n; r0 += band) {
