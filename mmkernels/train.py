@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="encoder precision: auto is bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (default: torch's choice, one per core)")
     g = p.add_argument_group("outputs")
     g.add_argument("--output", default=None, help="run folder (default: runs/<model>)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
@@ -231,6 +233,8 @@ class Trainer:
     def __init__(self, args):
         _check_args(args)
         self.args = args
+        if args.threads:
+            torch.set_num_threads(args.threads)
         self.rank, self.world_size, local_rank = distributed.world()
         if args.device:
             self.device = torch.device(args.device)
