@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder chunk for gradient caching (default: the batch size, no caching)")
     g.add_argument("--loss", default="auto", choices=("auto",) + backends.BACKENDS,
                    help="mmkernels backend of the contrastive loss ('naive' materializes N x N)")
-    g.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    g.add_argument("--steps", type=int, default=500, help="optimizer steps")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (matrices only)")
     g.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")

@@ -110,11 +110,12 @@ class CLIPConfig:
 
 
 _CONFIGS: dict[str, CLIPConfig] = {
-    # 32 x 32 images in 8 x 8 patches of 4 pixels, 4 layers of width 128 per
-    # tower; the default tokenizer's hash vocabulary of 8192 words.
+    # 32 x 32 images in 4 x 4 patches of 8 pixels, 4 layers of width 128 per
+    # tower, the default tokenizer's hash vocabulary of 8192 words: 2.7M
+    # parameters, about 0.75 CPU-second per step of 256 pairs on one core.
     "tiny": CLIPConfig(
         embed_dim=128,
-        vision=VisionConfig(image_size=32, patch_size=4, width=128, layers=4, heads=4),
+        vision=VisionConfig(image_size=32, patch_size=8, width=128, layers=4, heads=4),
         text=TextConfig(context_length=32, vocab_size=8192, width=128, layers=4, heads=4),
     ),
     # open_clip's model_configs/ViT-*.json (heads = width / 64 in the image tower).
