@@ -72,8 +72,11 @@ def loss_function(backend: str):
         from mmkernels.distributed import contrastive_loss
     except ImportError:
         return partial(gathered_contrastive_loss, backend=backend), "gather (fallback)"
-    kwargs = {} if backend == "auto" else {"backend": backend}
-    return partial(contrastive_loss, strategy="ring", **kwargs), "mmkernels.distributed ring"
+    # The ring passes tiles between ranks; the naive backend materializes the
+    # whole matrix, which only the gather strategy has.
+    strategy = "gather" if backend == "naive" else "ring"
+    return (partial(contrastive_loss, strategy=strategy, backend=backend),
+            f"mmkernels.distributed ({strategy}, {backend})")
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:

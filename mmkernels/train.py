@@ -410,11 +410,14 @@ class Trainer:
                 rng_before = _rng_state(self.device)
                 try:
                     loss = self.train_step(batch)
-                except Exception:
-                    # Progress is never lost: save the last completed step, then fail.
-                    self.save(self.step, rng_before, elapsed())
-                    _log(f"error at step {self.step + 1}; the state after step {self.step} is "
-                         f"saved in {self.out / CHECKPOINT}")
+                except Exception as exc:
+                    # Progress is never lost: save the last completed step, then fail. With
+                    # several processes only errors that every rank meets together (the
+                    # shared batch size, the global loss) can save: saving is collective.
+                    if self.world_size == 1 or isinstance(exc, (DataError, FloatingPointError)):
+                        self.save(self.step, rng_before, elapsed())
+                        _log(f"error at step {self.step + 1}; the state after step {self.step} "
+                             f"is saved in {self.out / CHECKPOINT}")
                     raise
                 self.optimizer.step()
                 self.scheduler.step()

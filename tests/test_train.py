@@ -295,3 +295,13 @@ def test_short_training_lifts_recall_far_above_chance(tmp_path, capsys):
     records = [json.loads(r) for r in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [100, 200]
     assert records[0]["loss"] > records[-2]["loss"]
+
+
+def test_bf16_autocast_path_runs(tmp_path, capsys):
+    """The mixed-precision path (bf16 autocast of the encoders, fp32 embeddings
+    into the loss; the default on GPU) here on CPU, with gradient caching."""
+    code, summary = run(tmp_path, "bf16", "--precision", "bf16", "--steps", 2, "--batch-size", 8,
+                        "--micro-batch", 3, capsys=capsys)
+    assert code == 0 and summary["loss"] == summary["loss"] and summary["loss"] > 0
+    state = params(tmp_path, "bf16")
+    assert all(v.dtype == torch.float32 for v in state.values())  # master weights stay fp32

@@ -74,8 +74,9 @@ class BatchFetcher(torch.utils.data.Dataset):
         return range(start, start + local)
 
     def __getitem__(self, step: int) -> Batch:
-        images, captions, skipped = [], [], []
-        for p in self.positions(step):
+        positions = self.positions(step)
+        images, captions, skipped = None, [], []
+        for p in positions:
             index = self._perms.index(p)
             rng = random.Random(f"mmkernels-augment/{self.seed}/{p}") if self.augment else None
             try:
@@ -83,10 +84,12 @@ class BatchFetcher(torch.utils.data.Dataset):
             except SampleError as exc:
                 skipped.append((index, str(exc)))
                 continue
-            images.append(image)
+            if images is None:  # filled in place: no second copy of a large batch
+                images = image.new_empty((len(positions), *image.shape))
+            images[len(captions)] = image
             captions.append(caption)
-        if images:
-            return Batch(step, torch.stack(images), self.tokenizer(captions), skipped)
+        if captions:
+            return Batch(step, images[:len(captions)], self.tokenizer(captions), skipped)
         return Batch(step, torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
 
     def __len__(self) -> int:  # not used for sampling; steps come from the sampler
