@@ -202,7 +202,8 @@ def _eval_set(args, model, tokenizer):
     if spec == "none":
         return None
     dataset = open_dataset(spec, image_size=model.image_size, train=False, seed=args.data_seed,
-                           image_key=args.image_key, caption_key=args.caption_key, separator=args.separator)
+                           synthetic_size=args.val_size, image_key=args.image_key,
+                           caption_key=args.caption_key, separator=args.separator)
     indices = list(range(min(args.val_size, len(dataset))))
     images, tokens, kept, skipped = load_items(dataset, tokenizer, indices)
     if skipped:
@@ -230,6 +231,9 @@ def _check_tokenizer(tokenizer, model) -> None:
 # --- the run ----------------------------------------------------------------------
 
 class Trainer:
+    """One training run from parsed arguments: ``prepare()`` (output folder,
+    resume), then ``run()`` (returns the exit code)."""
+
     def __init__(self, args):
         _check_args(args)
         self.args = args
@@ -260,6 +264,8 @@ class Trainer:
 
         torch.manual_seed(args.seed)
         self.model = create_clip(args.model, **_parse_model_args(args.model_arg)).to(self.device)
+        if self.world_size > 1:  # one initialization, but each rank its own dropout masks
+            torch.manual_seed(args.seed + self.rank)
         self.tokenizer = get_tokenizer(args.tokenizer, vocab_size=self.model.config.text.vocab_size,
                                        context_length=self.model.context_length)
         _check_tokenizer(self.tokenizer, self.model)
