@@ -305,3 +305,21 @@ def test_bf16_autocast_path_runs(tmp_path, capsys):
     assert code == 0 and summary["loss"] == summary["loss"] and summary["loss"] > 0
     state = params(tmp_path, "bf16")
     assert all(v.dtype == torch.float32 for v in state.values())  # master weights stay fp32
+
+
+@pytest.mark.cuda
+def test_gradient_caching_on_gpu(tmp_path, capsys):
+    """GPU lane: gradient caching exact in fp32 on CUDA, and a short run of the
+    trainer with its GPU defaults (bf16 autocast, the best CUDA backend)."""
+    model = create_clip("tiny", **MICRO).cuda()
+    images, tokens = _batch(13, model)
+    images, tokens = images.cuda(), tokens.cuda()
+    _, full = _grads(model, images, tokens, None, "auto")
+    _, cached = _grads(model, images, tokens, 4, "auto")
+    for k in full:
+        torch.testing.assert_close(cached[k], full[k], rtol=1e-3, atol=1e-5)
+    code = train.main(["--output", str(tmp_path / "gpu"), *MICRO_ARGS, "--steps", "3",
+                       "--batch-size", "64", "--micro-batch", "16", "--val-size", "64",
+                       "--no-plot"])
+    assert code == 0
+    assert "bf16" in capsys.readouterr().err
