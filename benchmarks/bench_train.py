@@ -189,6 +189,7 @@ def max_batch(args) -> None:
         all_probes += [{**p, **env} for p in probes]
         print(json.dumps(summary), flush=True)
     if args.save:
+        common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         common.append_rows("train_max_batch", rows)
         common.append_rows("train_max_batch_probes", all_probes)
         plot_max_batch(rows, common.RESULTS_DIR / "train_max_batch.png",
@@ -222,6 +223,7 @@ def curve(args, extra: list[str]) -> None:
            **{k: v for k, v in summary.items() if k != "output"}, **env}
     print(json.dumps(row), flush=True)
     if args.save:
+        common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         shutil.copy(os.path.join(out, "metrics.jsonl"), common.RESULTS_DIR / "train_default_metrics.jsonl")
         shutil.copy(os.path.join(out, "curves.png"), common.RESULTS_DIR / "train_learning_curve.png")
         common.append_rows("train_default_run", [row])
