@@ -25,7 +25,7 @@ def extension_modules() -> list:
 
 
 EXTRAS = {
-    "test": ["pytest>=7", "pytest-timeout", "open_clip_torch>=2.20"],
+    "test": ["pytest>=7", "pytest-timeout", "open_clip_torch>=2.20", "transformers>=4.40"],
     "bench": ["matplotlib", "tqdm"],
     "train": ["pillow", "tqdm", "matplotlib"],
 }
@@ -42,4 +42,5 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require=EXTRAS,
     ext_modules=extension_modules(),
+    entry_points={"console_scripts": ["mmkernels-train=mmkernels.train:main"]},
 )
