@@ -15,26 +15,26 @@ tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests them).
 
 Cost at a glance (forward + backward of the primitive, N x M x D):
 
-==========  =====================  ===================  ========================
-pass        matrix products        exps per logit       memory beyond inputs
-==========  =====================  ===================  ========================
-forward     1 (S, once)            1 (2 in rare tiles)  (32 N + 32 M) fp32 at most
-backward    3 (S again, dA, dB)    1 (2 in rare tiles)  pb, pa (fp32, contract) +
-                                                        one P block (<= 32 MiB)
-==========  =====================  ===================  ========================
+==========  ===================  ===================  ==========================
+pass        matrix products      exps per logit       memory beyond the inputs
+==========  ===================  ===================  ==========================
+forward     1 (S, once)          1 (2 in rare tiles)  partials, <= 64 (N + M) fp32
+backward    3 (S again, dA, dB)  1 (2 in rare tiles)  pb, pa (fp32, the contract)
+                                                      + one P block (<= 32 MiB)
+==========  ===================  ===================  ==========================
 
-i.e. the 8*N*M*D-FLOP floor and 2 exps per logit, with exp2 and log2(e)
-folded into the scale; normalization costs no pass over S (inverse norms are
-row and column factors of each tile, and rescale the features inside the
-backward's K-loops), and the gradient of logit_scale falls out of pb in the
-shared epilogue (mmkernels/ops/_common.py). No kernel uses atomics: results
-are bitwise reproducible, with or without
-``torch.use_deterministic_algorithms(True)``. fp16/bf16/fp32/fp64 inputs,
-fp32 (fp64) accumulation; fp32 inputs follow
-``torch.get_float32_matmul_precision()``: "highest" multiplies exactly,
-"high" and "medium" use tf32. Any N, M, D (masked edges), any strides, int64
-offsets. Details and the numerics of each choice: the docstrings of the
-modules named above.
+i.e. the 8*N*M*D-FLOP floor and 2 exps per logit (each a multiply and one
+MUFU ex2; logsumexp.py says why log2(e) is not folded into the scale).
+Normalization costs no pass over S: inverse norms are row and column factors
+of each tile, and rescale the features inside the backward's K-loops. The
+gradient of logit_scale falls out of pb in the shared epilogue
+(mmkernels/ops/_common.py). No kernel uses atomics: results are bitwise
+reproducible, with or without ``torch.use_deterministic_algorithms(True)``.
+fp16/bf16/fp32/fp64 inputs, fp32 (fp64) accumulation, gradients in the input
+dtype; fp32 inputs follow ``torch.get_float32_matmul_precision()``:
+"highest" multiplies exactly, "high" and "medium" use tf32. Any N, M, D
+(masked edges), any strides, int64 offsets. Details and the numerics of each
+choice: the docstrings of the modules named above.
 """
 
 from mmkernels.ops import logsumexp as _logsumexp_op

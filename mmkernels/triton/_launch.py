@@ -104,7 +104,7 @@ def input_precision(dtype: torch.dtype) -> str:
 
 def bucket(n: int) -> int:
     """Shape bucket for autotune keys: the next power of two, capped at 2^16."""
-    return min(triton.next_power_of_2(max(int(n), 1)), 1 << 16)
+    return min(1 << (max(int(n), 1) - 1).bit_length(), 1 << 16)
 
 
 # --- autotune configurations -------------------------------------------------------

@@ -8,10 +8,9 @@ normalizing, else 1); the forward returns ``row_lse = logsumexp(S, 1)`` and
 ``pa = P.T @ Ah`` with
 ``P[i, j] = g_row[i] * exp(S[i, j] - row_lse[i]) + g_col[j] * exp(S[i, j] - col_lse[j])``
 (the kernel contract of mmkernels/ops/logsumexp.py, whose ``lse_reference``
-is the reference these kernels are tested against). Everything is computed in
-base 2: ``S2 = log2(e) * S`` comes out of the tile product with log2(e) folded
-into the row factor ``scale * log2(e) * ra[i]``, so every exponential is one
-``exp2`` (one MUFU instruction on NVIDIA GPUs).
+is the reference these kernels are tested against). Normalization is fused:
+``scale * ra[i]`` and ``rb[j]`` are row and column factors applied to each
+tile's fp32 accumulator, never a pass over S.
 
 Forward: one pass over S, one exp per logit
 -------------------------------------------
@@ -29,21 +28,33 @@ its column blocks, computing each (BLOCK_M, BLOCK_N) tile of S exactly once
 
 A small kernel then merges the C row partials and the R column partials in a
 fixed order. No buffer is O(N^2): the partials take (R * M + C * N) * 8 bytes
-with R, C <= 32, whatever N. The whole forward is deterministic.
+with R, C <= 32, whatever N. The whole forward is deterministic. (A spin lock
+per column block, as in Triton's layer-norm tutorial, needs only M floats but
+serializes programs that reach a column block together and merges in a
+varying order; R <= 32 rows of partials cost little and keep the forward
+reproducible.)
 
-Exps per logit: the row statistics need ``E = exp2(S2 - m_i)`` with ``m_i`` the
+Exps per logit: the row statistics need ``E = exp(S - m_i)`` with ``m_i`` the
 tile's row maximum. The column sums reuse it:
-``sum_i exp2(S2[i, j] - T) = sum_i E[i, j] * w_i`` with ``w_i = exp2(m_i - T)``
-and T the tile's maximum, a matrix-vector product (one FMA per logit) instead
-of a second exp. This is exact (same fp32 relative precision) as long as every
-column's maximum in the tile is within FAST_RANGE (64 in log2 units) of T, so
-that no term that matters underflows; the kernel checks that per tile (a
-column-max reduction, no exp) and otherwise takes the second exp,
-``exp2(S2 - column max)``, for that tile. Unnormalized features at
-logit_scale 100 exercise that fallback; trained CLIP embeddings almost never
-need it. So: 1 exp per logit, 2 in the tiles that need it, plus O(1/BLOCK)
-per logit for the merges. The running maxima are always online: nothing
-assumes |cos| <= 1.
+``sum_i exp(S[i, j] - T) = sum_i E[i, j] * w_i`` with ``w_i = exp(m_i - T)``
+and T the tile's maximum: a multiply-add per logit instead of a second exp.
+This keeps fp32's relative precision as long as every column's maximum in the
+tile is within FAST_RANGE (40) of T, so that no term that matters underflows;
+the kernel checks that per tile (a column-max reduction, no exp) and otherwise
+takes the second exp, ``exp(S - column max)``, for that tile. Unnormalized
+features at logit_scale 100 reach that fallback; CLIP's normalized embeddings
+at logit_scale <= 100 rarely do. So: 1 exp per logit (2 in the tiles that
+need it), plus O(1/BLOCK) per logit for the merges. The running maxima are
+always online: nothing assumes |cos| <= 1.
+
+Why ``tl.exp`` (``exp2(x * log2(e))`` on NVIDIA GPUs: one multiply and one
+MUFU ex2) rather than exp2 with log2(e) folded into the scale: the backward
+subtracts ``row_lse`` from the recomputed S, and where one logit dominates
+(N = 1, or a confident positive pair) that difference is 0 exactly only when
+both are in the same units; in base 2 it is off by ~|S| * 2^-24, which shows
+as a relative error of that size in every gradient. The multiply costs one
+FP32 instruction per logit beside ~8 others, on pipes that run 8 times the
+MUFU's rate: a percent or two of the forward's epilogue, for exact zeros.
 
 Backward: S recomputed once, 1 exp per logit, P through L2
 ----------------------------------------------------------
@@ -55,14 +66,15 @@ stay in L2):
 
 1. ``_lse_bwd_p_kernel`` recomputes each (BLOCK_M, BLOCK_N) tile of the block
    once and writes P for it (input dtype for fp16/bf16, as FlashAttention
-   rounds P before its P @ V product; fp32/fp64 otherwise);
+   rounds P before its P @ V product and open_clip under autocast rounds dS
+   before dS @ B; fp32/fp64 otherwise);
 2. ``matmul.products`` runs ``pb[I] (+)= P @ Bh[J]`` and ``pa[J] (+)= P.T @ Ah[I]``
    in one launch, both reading the block back from L2.
 
 Each tile of S is thus computed once and produces both dA and dB; FLOPs are
 the floor (3 GEMM-equivalents: 6*N*M*D), and the traffic of P (write 2 bytes,
 read 4 bytes per logit) is small next to its 4.6 kFLOP per logit at D = 768.
-P uses one exp per logit: ``exp2(S2 - c_j) = exp2(S2 - r_i) * exp2(r_i - t) * exp2(t - c_j)``
+P uses one exp per logit: ``exp(S - c_j) = exp(S - r_i) * exp(r_i - t) * exp(t - c_j)``
 with t the tile's largest row lse, safe when every ``t - c_j`` is within
 FAST_RANGE (checked per tile, O(BLOCK) work), else two exps for that tile.
 fp16 P is stored times a power of two ``sigma`` (|P * sigma| <= 1, from the
@@ -95,6 +107,18 @@ FAST_RANGE = 40.0
 
 
 # --- kernels ---------------------------------------------------------------------
+
+@triton.jit
+def _scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, row_ok, cols, col_ok, D,
+                 stride_ad, stride_bd, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile of S (row factor scale * ra, column factor rb), -inf outside the matrix."""
+    s = tile_dot(a_ptr, b_ptr, a_rows, b_rows, D, stride_ad, stride_bd,
+                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC) * row_fac[:, None]
+    if NORMALIZE:
+        s = s * tl.load(rb_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    return tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
+
 
 @triton.jit
 def _lse_fwd_kernel(
@@ -134,12 +158,9 @@ def _lse_fwd_kernel(
         for u in range(h, tl.cdiv(M, BLOCK_N), splits):
             cols = u * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < M
-            acc = tile_dot(a_ptr, b_ptr, a_rows, row_offsets(cols, M, stride_bm), D,
-                           stride_ad, stride_bd, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC)
-            s = acc * row_fac[:, None]
-            if NORMALIZE:
-                s = s * tl.load(rb_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            s = tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
+            b_rows = row_offsets(cols, M, stride_bm)
+            s = _scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, row_ok, cols, col_ok, D,
+                             stride_ad, stride_bd, NORMALIZE, PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
 
             # Rows: the tile's maxima, the one exp per logit, the online merge.
             tile_max = tl.max(s, axis=1)                          # -inf on padded rows
@@ -159,12 +180,16 @@ def _lse_fwd_kernel(
                 part_sum = tl.sum(e * w[:, None], axis=0)
                 part_max = tl.zeros((BLOCK_N,), dtype=ACC) + top
             else:
+                # Rare: recompute the tile rather than keep S live beside E in
+                # registers through the common path.
+                s = _scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, row_ok, cols, col_ok, D,
+                                 stride_ad, stride_bd, NORMALIZE, PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
                 part_sum = tl.sum(tl.exp(s - tl.where(col_ok, col_max, 0.0)[None, :]), axis=0)
                 part_max = col_max
 
-            # Merge into row g of the column partials; this program is its only
-            # writer. On its first row block there is nothing to merge with, so a
-            # rerun of the kernel (autotuning) recomputes the same values.
+            # Merge into row g of the column partials, whose only writer this program
+            # is. On its first row block there is nothing to merge with (so a rerun
+            # of the kernel, as autotuning does, recomputes the same values).
             seen = col_ok & (t != g)
             old_max = tl.load(col_max_ptr + cols, mask=seen, other=float("-inf"))
             old_sum = tl.load(col_sum_ptr + cols, mask=seen, other=0.0)
@@ -216,20 +241,22 @@ def _lse_bwd_p_kernel(
     cols = (pid % tiles_j) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
     col_ok = cols < J
-    acc = tile_dot(a_ptr, b_ptr, row_offsets(rows, I, stride_an), row_offsets(cols, J, stride_bm), D,
-                   stride_ad, stride_bd, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC)
+    # The epilogue's operands are requested before the K-loop (latency hidden).
     row_fac = tl.zeros((BLOCK_M,), dtype=ACC) + tl.load(scale_ptr).to(ACC)
+    col_fac = tl.full((BLOCK_N,), 1.0, dtype=ACC)
     if NORMALIZE:
         row_fac = row_fac * tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
-    s = acc * row_fac[:, None]
-    if NORMALIZE:
-        s = s * tl.load(rb_ptr + cols, mask=col_ok, other=0.0)[None, :]
-
+        col_fac = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
     sigma = tl.load(sigma_ptr).to(ACC)
     r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     c = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     g_r = tl.load(g_row_ptr + rows, mask=row_ok, other=0.0).to(ACC) * sigma
     g_c = tl.load(g_col_ptr + cols, mask=col_ok, other=0.0).to(ACC) * sigma
+    acc = tile_dot(a_ptr, b_ptr, row_offsets(rows, I, stride_an), row_offsets(cols, J, stride_bm), D,
+                   stride_ad, stride_bd, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC)
+    s = acc * row_fac[:, None]
+    if NORMALIZE:
+        s = s * col_fac[None, :]
     top = tl.max(tl.where(row_ok, r, float("-inf")), axis=0)
     lowest = tl.min(tl.where(col_ok, c, float("inf")), axis=0)
     if top - lowest <= FAST:
@@ -317,6 +344,19 @@ def p_scale(a_dtype: torch.dtype, g_row: torch.Tensor, g_col: torch.Tensor) -> t
     return torch.where(usable, torch.exp2(-torch.ceil(torch.log2(torch.where(usable, bound, one)))), one)
 
 
+def _blocks(length: int, size: int, *tensors):
+    """[(start, stop, [views of each tensor's rows start:stop])] covering ``length`` rows
+    (0-dim tensors, the unused inverse norms, are passed through)."""
+    return [(start, min(length, start + size), [t[start:start + size] if t.dim() else t for t in tensors])
+            for start in range(0, length, size)]
+
+
+def _tile_grid(rows: int, cols: int):
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+    return grid
+
+
 def _backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col):
     n, d = a.shape
     m = b.shape[0]
@@ -333,31 +373,30 @@ def _backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col):
     kernel = _tile_kernel(_lse_bwd_p_kernel, a.device, a.dtype, ("I_KEY", "J_KEY", "D_KEY"))
     keys = (_launch.bucket(rows), _launch.bucket(cols), _launch.bucket(d))
     precision = _launch.input_precision(a.dtype)
+    # Views of each block row and block column made once, not once per block:
+    # the loop runs N*M / (rows*cols) times, and its host time per block must
+    # stay well under the GPU's (~0.1 ms per 4096 x 4096 x 768 block on an H100).
+    row_parts = _blocks(n, rows, a, ra, row_lse, g_row, pb)
+    col_parts = _blocks(m, cols, b, rb, col_lse, g_col, pa)
+    p_views = {}
 
-    def part(x, start, stop):
-        return x[start:stop] if normalize else x
-
-    for i0 in range(0, n, rows):
-        i1 = min(n, i0 + rows)
-        for j0 in range(0, m, cols):
-            j1 = min(m, j0 + cols)
-            a_blk, b_blk = a[i0:i1], b[j0:j1]
-            ra_blk, rb_blk = part(ra, i0, i1), part(rb, j0, j1)
-
-            def grid(meta, i=i1 - i0, j=j1 - j0):
-                return (triton.cdiv(i, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]),)
-
+    for i0, i1, (a_blk, ra_blk, row_lse_blk, g_row_blk, pb_blk) in row_parts:
+        for j0, j1, (b_blk, rb_blk, col_lse_blk, g_col_blk, pa_blk) in col_parts:
+            shape = (i1 - i0, j1 - j0)
+            if shape not in p_views:
+                view = p[: shape[0], : shape[1]]
+                p_views[shape] = (view, view.T)
+            p_blk, p_blk_t = p_views[shape]
             _launch.launch(
-                kernel, grid,
-                a_blk, b_blk, ra_blk, rb_blk, scale, row_lse[i0:i1], col_lse[j0:j1],
-                g_row[i0:i1], g_col[j0:j1], sigma, p,
-                i1 - i0, j1 - j0, d,
+                kernel, _tile_grid(*shape),
+                a_blk, b_blk, ra_blk, rb_blk, scale, row_lse_blk, col_lse_blk,
+                g_row_blk, g_col_blk, sigma, p,
+                shape[0], shape[1], d,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0),
                 *keys, NORMALIZE=normalize, IS_FP64=dtype == torch.float64,
                 PRECISION=precision, FAST=FAST_RANGE)
-            p_blk = p[: i1 - i0, : j1 - j0]
-            products((p_blk, b_blk, rb_blk if normalize else None, pb[i0:i1], j0 > 0),
-                     (p_blk.T, a_blk, ra_blk if normalize else None, pa[j0:j1], i0 > 0),
+            products((p_blk, b_blk, rb_blk if normalize else None, pb_blk, j0 > 0),
+                     (p_blk_t, a_blk, ra_blk if normalize else None, pa_blk, i0 > 0),
                      alpha, key_shape=(rows, cols))
     return pb, pa
 
