@@ -53,8 +53,10 @@ INTERPRETER_P_BLOCK = (24, 40)
 # relative to the tiles.
 MAX_ROW_GROUPS = 32
 MAX_COL_SPLITS = 32
-# Programs per SM the forward's persistent grid aims for (two resident CTAs
-# overlap one's exp epilogue with the other's tensor-core work).
+# Programs per SM of the forward's persistent grid: 4-warp configs fit two
+# CTAs per SM (one's exp epilogue overlaps the other's tensor-core work); the
+# 8-warp ones (~240 registers a thread) fit one and run as two equal waves.
+# Either way no wave is left half-empty.
 PROGRAMS_PER_SM = 2
 # Under the interpreter: a "GPU" of two SMs, so small shapes get several row
 # groups and column splits.
@@ -186,6 +188,10 @@ def configs(kind: str, arch_name: str, dclass: str) -> list[triton.Config]:
     return kept
 
 
+# Every autotuner built so far (benchmarks/bench_triton.py reports their choices).
+TUNERS: list = []
+
+
 @functools.lru_cache(maxsize=None)
 def autotuned(kernel, kind: str, arch_name: str, dclass: str, key: tuple, restore: tuple = ()):
     """``kernel`` wrapped in triton.autotune with the candidates for (arch, dtype class).
@@ -195,8 +201,10 @@ def autotuned(kernel, kind: str, arch_name: str, dclass: str, key: tuple, restor
     the kernel's shape-bucket arguments; ``restore`` the outputs a kernel
     accumulates into (autotuning reruns a launch, so they are restored).
     """
-    return triton.autotune(configs=configs(kind, arch_name, dclass), key=list(key),
-                           restore_value=list(restore) or None)(kernel)
+    tuner = triton.autotune(configs=configs(kind, arch_name, dclass), key=list(key),
+                            restore_value=list(restore) or None)(kernel)
+    TUNERS.append(tuner)
+    return tuner
 
 
 # --- grid shapes -------------------------------------------------------------------
@@ -207,8 +215,8 @@ def forward_split(tiles_r: int, tiles_c: int, sms: int) -> tuple[int, int]:
     Program (g, h) sweeps row blocks g, g + R, ... and, for each, column blocks
     h, h + C, ...; it keeps its row statistics in registers and merges its
     column statistics into its own row g of the column partials. Aim: at most
-    PROGRAMS_PER_SM * sms programs (all resident at once, no tail wave), every
-    program with the same number of tiles to within one row or column block.
+    PROGRAMS_PER_SM * sms programs (no half-empty last wave), every program
+    with the same number of tiles to within one row or column block.
     """
     target = max(1, PROGRAMS_PER_SM * sms)
     groups = min(tiles_r, MAX_ROW_GROUPS, target)
