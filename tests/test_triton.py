@@ -16,6 +16,7 @@ Three kinds, by where they can run:
   torch.compile(fullgraph=True) through the triton ops, autotuning safety.
 """
 
+import functools
 import importlib.util
 import os
 
@@ -180,6 +181,38 @@ def test_deterministic_bitwise():
         torch.use_deterministic_algorithms(previous)
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+@interpreter
+def test_autotuning_trials_leave_no_trace(monkeypatch):
+    """Autotuning runs every candidate before the winner: the forward's partials
+    and the backward's accumulated products must come out as if only the winner
+    had run. The first candidates have fewer row groups / larger tiles than the
+    last ones tried. (The interpreter cannot time kernels: a stand-in
+    benchmark runs each trial twice and ranks earlier candidates faster.)"""
+    tile = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}),
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
+    mm = [triton.Config({"BLOCK_R": 32, "BLOCK_D": 32, "BLOCK_K": 16}),
+          triton.Config({"BLOCK_R": 16, "BLOCK_D": 16, "BLOCK_K": 16})]
+    trials = []
+
+    def bench(fn, quantiles=None, **kwargs):
+        trials.append(fn)
+        fn()
+        fn()
+        return [float(len(trials))] * 3
+
+    monkeypatch.setattr(_launch, "configs", lambda kind, arch, dclass: tile if kind == "tile" else mm)
+    monkeypatch.setattr(triton, "autotune", functools.partial(triton.autotune, do_bench=bench))
+    monkeypatch.setattr(_launch, "INTERPRETER_SMS", 8)
+    _launch.autotuned.cache_clear()
+    try:
+        a, b = torch.randn(53, 20), torch.randn(71, 20)
+        compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], torch.float32,
+                scale=torch.tensor(5.0), what="after autotuning")
+    finally:
+        _launch.autotuned.cache_clear()
+    assert len(trials) >= 6  # both candidates of the forward, P and products kernels
 
 
 @interpreter

@@ -273,8 +273,8 @@ def _lse_bwd_p_kernel(
 
 # --- launchers -------------------------------------------------------------------
 
-def _tile_kernel(kernel, device, dtype, key):
-    return _launch.autotuned(kernel, "tile", _launch.arch(device), _launch.dtype_class(dtype), key)
+def _tile_kernel(kernel, device, dtype, key, restore=()):
+    return _launch.autotuned(kernel, "tile", _launch.arch(device), _launch.dtype_class(dtype), key, restore)
 
 
 def _norms(a, b, normalize, dummy):
@@ -288,7 +288,11 @@ def _forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, normalize: b
     m = b.shape[0]
     dtype = compute_dtype(a.dtype)
     ra, rb = _norms(a, b, normalize, scale)
-    kernel = _tile_kernel(_lse_fwd_kernel, a.device, a.dtype, ("N_KEY", "M_KEY", "D_KEY"))
+    # Autotuning runs every candidate: one with more row groups or column splits
+    # than the winner would leave its extra rows of partials behind, so they
+    # are restored to their neutral start after each trial.
+    kernel = _tile_kernel(_lse_fwd_kernel, a.device, a.dtype, ("N_KEY", "M_KEY", "D_KEY"),
+                          ("row_part_ptr", "col_part_ptr"))
     sms = _launch.num_sms(a.device)
 
     def split(meta):
