@@ -113,10 +113,12 @@ def _scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, row_ok, cols, co
                  stride_ad, stride_bd, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
                  ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A tile of S (row factor scale * ra, column factor rb), -inf outside the matrix."""
+    if NORMALIZE:  # requested before the K-loop: its latency hides behind the product
+        col_fac = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
     s = tile_dot(a_ptr, b_ptr, a_rows, b_rows, D, stride_ad, stride_bd,
                  BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC) * row_fac[:, None]
     if NORMALIZE:
-        s = s * tl.load(rb_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        s = s * col_fac[None, :]
     return tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
 
 
