@@ -205,13 +205,13 @@ def test_autotuning_trials_leave_no_trace(monkeypatch):
     monkeypatch.setattr(_launch, "configs", lambda kind, arch, dclass: tile if kind == "tile" else mm)
     monkeypatch.setattr(triton, "autotune", functools.partial(triton.autotune, do_bench=bench))
     monkeypatch.setattr(_launch, "INTERPRETER_SMS", 8)
-    _launch.autotuned.cache_clear()
+    _launch._autotuner.cache_clear()
     try:
         a, b = torch.randn(53, 20), torch.randn(71, 20)
         compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], torch.float32,
                 scale=torch.tensor(5.0), what="after autotuning")
     finally:
-        _launch.autotuned.cache_clear()
+        _launch._autotuner.cache_clear()
     assert len(trials) >= 6  # both candidates of the forward, P and products kernels
 
 
@@ -331,6 +331,23 @@ def test_configs_fit_the_architecture(arch, dclass, kind):
     limit = _launch.SHARED_MEMORY[arch] - _launch.EPILOGUE_HEADROOM
     assert all(_launch.shared_memory_bytes(kind, c, dclass) <= limit for c in configs)
     assert len({str(c) for c in configs}) == len(configs)
+
+
+def test_deterministic_mode_keeps_to_the_first_candidate():
+    """Timing-based choices could differ between processes (and with them the
+    order of the sums): under torch.use_deterministic_algorithms(True) only the
+    first candidate of each kernel runs."""
+    kernel = lse_kernels._lse_fwd_kernel
+    tuned = _launch._autotuner(kernel, "tile", "sm90", "half", ("N_KEY",), (), False)
+    pinned = _launch._autotuner(kernel, "tile", "sm90", "half", ("N_KEY",), (), True)
+    assert len(tuned.configs) > 1
+    assert [str(c) for c in pinned.configs] == [str(tuned.configs[0])]
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert len(_launch.tuned(kernel, "tile", torch.device("cpu"), torch.float32, ("N_KEY",)).configs) == 1
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def test_interpreter_has_one_fixed_config():

@@ -116,13 +116,27 @@ def resource_usage(compiled) -> dict:
 
 
 def check(arch_names, dtypes, all_configs=False, out=sys.stdout):
-    """Compile every recorded launch; returns [(kernel, arch, dtype, config, usage)]."""
+    """Compile every recorded launch; returns [(kernel, arch, dtype, config, usage)].
+
+    ``dtypes``: torch dtypes, or "tf32" for fp32 inputs under
+    torch.set_float32_matmul_precision("high") (plain float32 follows the
+    current setting).
+    """
     from triton.runtime.autotuner import Autotuner
 
     results = []
     for arch_name in arch_names:
         for dtype in dtypes:
-            for kernel, _, args, kwargs in _unique(record_all(arch_name, dtype)):
+            precision = torch.get_float32_matmul_precision()
+            label = str(dtype).replace("torch.", "")
+            if dtype == "tf32":
+                dtype = torch.float32
+                torch.set_float32_matmul_precision("high")
+            try:
+                calls = _unique(record_all(arch_name, dtype))
+            finally:
+                torch.set_float32_matmul_precision(precision)
+            for kernel, _, args, kwargs in calls:
                 if isinstance(kernel, Autotuner):
                     configs = kernel.configs if all_configs else kernel.configs[:1]
                     fn = kernel.fn
@@ -130,8 +144,8 @@ def check(arch_names, dtypes, all_configs=False, out=sys.stdout):
                     configs, fn = [None], kernel
                 for config in configs:
                     usage = resource_usage(compile_call(fn, args, kwargs, config, TARGETS[arch_name]))
-                    results.append((fn.__name__, arch_name, dtype, config, usage))
-                    print(f"{arch_name} {str(dtype):15s} {fn.__name__:24s} {config} {usage}", file=out)
+                    results.append((fn.__name__, arch_name, label, config, usage))
+                    print(f"{arch_name} {label:9s} {fn.__name__:24s} {config} {usage}", file=out)
     return results
 
 
@@ -140,10 +154,12 @@ def main():
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32", "float64"])
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32", "tf32", "float64"],
+                        help="torch dtype names, or tf32 (float32 under matmul precision 'high')")
     parser.add_argument("--all-configs", action="store_true", help="every autotune candidate, not the first")
     ns = parser.parse_args()
-    results = check(ns.arch, [getattr(torch, name) for name in ns.dtype], ns.all_configs)
+    dtypes = [name if name == "tf32" else getattr(torch, name) for name in ns.dtype]
+    results = check(ns.arch, dtypes, ns.all_configs)
     spills = [r for r in results if r[4].get("local", 0) or r[4].get("stack", 0)]
     print(f"{len(results)} kernels compiled, {len(spills)} with spills")
 

@@ -29,7 +29,9 @@ Normalization costs no pass over S: inverse norms are row and column factors
 of each tile, and rescale the features inside the backward's K-loops. The
 gradient of logit_scale falls out of pb in the shared epilogue
 (mmkernels/ops/_common.py). No kernel uses atomics: results are bitwise
-reproducible, with or without ``torch.use_deterministic_algorithms(True)``.
+reproducible; under ``torch.use_deterministic_algorithms(True)`` autotuning
+keeps to each kernel's first candidate, so they are also the same from one
+process to the next (a choice made by timing could change the order of sums).
 fp16/bf16/fp32/fp64 inputs, fp32 (fp64) accumulation, gradients in the input
 dtype; fp32 inputs follow ``torch.get_float32_matmul_precision()``:
 "highest" multiplies exactly, "high" and "medium" use tf32. Any N, M, D

@@ -192,16 +192,24 @@ def configs(kind: str, arch_name: str, dclass: str) -> list[triton.Config]:
 TUNERS: list = []
 
 
-@functools.lru_cache(maxsize=None)
-def autotuned(kernel, kind: str, arch_name: str, dclass: str, key: tuple, restore: tuple = ()):
-    """``kernel`` wrapped in triton.autotune with the candidates for (arch, dtype class).
+def tuned(kernel, kind: str, device: torch.device, dtype: torch.dtype, key: tuple, restore: tuple = ()):
+    """``kernel`` under triton.autotune with the candidates for this device and dtype.
 
-    One autotuner per (kernel, arch, dtype class), built on first use: the
-    pruning needs the device, which import time must not touch. ``key`` names
-    the kernel's shape-bucket arguments; ``restore`` the outputs a kernel
-    accumulates into (autotuning reruns a launch, so they are restored).
+    ``key`` names the kernel's shape-bucket arguments; ``restore`` the outputs
+    a launch adds to or merges into (autotuning reruns a launch, so they are
+    restored after each trial). Under ``torch.use_deterministic_algorithms(True)``
+    only the first candidate runs: a choice made by timing could differ from
+    one process to the next, and with it the order of the sums.
     """
-    tuner = triton.autotune(configs=configs(kind, arch_name, dclass), key=list(key),
+    return _autotuner(kernel, kind, arch(device), dtype_class(dtype), key, restore,
+                      torch.are_deterministic_algorithms_enabled())
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuner(kernel, kind, arch_name, dclass, key, restore, deterministic):
+    # Built on first use, not at import: the pruning needs the device.
+    candidates = configs(kind, arch_name, dclass)
+    tuner = triton.autotune(configs=candidates[:1] if deterministic else candidates, key=list(key),
                             restore_value=list(restore) or None)(kernel)
     TUNERS.append(tuner)
     return tuner

@@ -81,8 +81,10 @@ fp16 P is stored times a power of two ``sigma`` (|P * sigma| <= 1, from the
 bound |P| <= max|g_row| + max|g_col|) so it neither overflows nor flushes to
 zero early; the products multiply by 1/sigma. No atomics anywhere: pb and pa
 are accumulated block after block by the programs that own their tiles, so
-the backward is deterministic too, and is the path used under
-``torch.use_deterministic_algorithms(True)``.
+the backward is deterministic too. Under ``torch.use_deterministic_algorithms(True)``
+the same kernels run with autotuning pinned to their first candidate
+(mmkernels/triton/_launch.py: ``tuned``), so that results do not depend on
+which config won a timing race in this process.
 
 Memory: beyond the inputs, the contract's fp32 outputs pb, pa (N*D and M*D),
 the P block (at most 32 MiB), inverse norms and partials (O(N) fp32).
@@ -276,7 +278,7 @@ def _lse_bwd_p_kernel(
 # --- launchers -------------------------------------------------------------------
 
 def _tile_kernel(kernel, device, dtype, key, restore=()):
-    return _launch.autotuned(kernel, "tile", _launch.arch(device), _launch.dtype_class(dtype), key, restore)
+    return _launch.tuned(kernel, "tile", device, dtype, key, restore)
 
 
 def _norms(a, b, normalize, dummy):

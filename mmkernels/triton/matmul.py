@@ -164,9 +164,8 @@ def products(first, second, alpha: torch.Tensor, *, key_shape: tuple[int, int]) 
     d = y0.shape[1]
     dtype = y0.dtype
     kscale = first[2] is not None
-    kernel = _launch.autotuned(_products_kernel, "mm", _launch.arch(y0.device),
-                               _launch.dtype_class(dtype), ("ROWS_KEY", "K_KEY", "D_KEY"),
-                               ("out0_ptr", "out1_ptr"))
+    kernel = _launch.tuned(_products_kernel, "mm", y0.device, dtype, ("ROWS_KEY", "K_KEY", "D_KEY"),
+                           ("out0_ptr", "out1_ptr"))
 
     def args(problem):
         x, y, s, out, accumulate = problem

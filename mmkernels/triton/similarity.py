@@ -71,8 +71,7 @@ def _forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     n, d = a.shape
     m = b.shape[0]
     out = torch.empty((n, m), device=a.device, dtype=a.dtype)
-    kernel = _launch.autotuned(_similarity_fwd_kernel, "tile", _launch.arch(a.device),
-                               _launch.dtype_class(a.dtype), ("N_KEY", "M_KEY", "D_KEY"))
+    kernel = _launch.tuned(_similarity_fwd_kernel, "tile", a.device, a.dtype, ("N_KEY", "M_KEY", "D_KEY"))
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(m, meta["BLOCK_N"]),)
