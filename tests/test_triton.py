@@ -444,15 +444,22 @@ def _grads_vs_fp64(fn, ref, a, b, scale):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,m,d", [(4096, 4096, 768), (3001, 5003, 520), (1, 257, 64)])
-def test_cuda_contrastive_matches_fp64(dtype, n, m, d):
+def test_cuda_losses_match_fp64(dtype, n, m, d):
+    """Square: the CLIP loss; rectangular: InfoNCE. Value and every gradient vs fp64."""
     a, b = _cuda_inputs(n, m, d, dtype)
-    fn = lambda x, y, s: mmkernels.info_nce(x, y, None if n <= m else None, s, normalize=True,  # noqa: E731
-                                           backend="triton") if n != m else \
-        mmkernels.contrastive_loss(x, y, s, normalize=True, backend="triton")
-    ref = lambda x, y, s: reference.info_nce(x, y, None, s, normalize=True) if n != m else \
-        reference.contrastive(x, y, s, normalize=True)  # noqa: E731
+
+    def ours(x, y, s):
+        if n == m:
+            return mmkernels.contrastive_loss(x, y, s, normalize=True, backend="triton")
+        return mmkernels.info_nce(x, y, None, s, normalize=True, backend="triton")
+
+    def ref(x, y, s):
+        if n == m:
+            return reference.contrastive(x, y, s, normalize=True)
+        return reference.info_nce(x, y, None, s, normalize=True)
+
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
-    for got, want in _grads_vs_fp64(fn, ref, a, b, 14.3):
+    for got, want in _grads_vs_fp64(ours, ref, a, b, 14.3):
         error = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
         assert error < tol, f"{dtype} {n}x{m}x{d}: relative error {error:.3g}"
 

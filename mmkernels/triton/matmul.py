@@ -131,8 +131,8 @@ def _products_kernel(
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Two problems ``out_p (+)= alpha * X_p @ (s_p * Y_p)`` in one grid: the
-    first problem's tiles first (its K is the longer one in the backward's
-    blocks: longest jobs first), then the second's."""
+    first problem's tiles, then the second's (the launcher puts the longer K
+    first: longest jobs first)."""
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     pid = tl.program_id(0)
     tiles0 = tl.cdiv(rows0, BLOCK_R) * tl.cdiv(D, BLOCK_D)
@@ -160,6 +160,8 @@ def products(first, second, alpha: torch.Tensor, *, key_shape: tuple[int, int]) 
     for the autotune key: every launch of one backward shares it, so only the
     first (which writes, not adds) is ever autotuned.
     """
+    if second[0].shape[1] > first[0].shape[1]:
+        first, second = second, first
     y0 = first[1]
     d = y0.shape[1]
     dtype = y0.dtype
