@@ -366,6 +366,8 @@ def _tile_grid(rows: int, cols: int):
 
 
 def _backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col):
+    # The kernels read the O(N) vectors with unit stride.
+    row_lse, col_lse, g_row, g_col = (x.contiguous() for x in (row_lse, col_lse, g_row, g_col))
     n, d = a.shape
     m = b.shape[0]
     dtype = compute_dtype(a.dtype)

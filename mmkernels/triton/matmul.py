@@ -41,9 +41,11 @@ from mmkernels.triton import _launch
 
 # --- kernels ---------------------------------------------------------------------
 
-# Triton's interpreter (3.8 at least) multiplies bf16 operands of tl.dot as
-# their raw 16-bit patterns; upcasting them to fp32 there is exact (bf16
-# products are exact in fp32) and the compiled GPU path never takes it.
+# Triton's interpreter (3.8 at least; triton-lang/triton#11584) multiplies
+# bf16 operands of tl.dot as their raw 16-bit patterns; upcasting them to fp32
+# there is exact (bf16 products are exact in fp32), and the compiled GPU path
+# never takes it. (No other bf16 arithmetic happens in these kernels: bf16
+# values are only loaded, cast and stored.)
 _INTERPRETING = tl.constexpr(_launch.INTERPRETING)
 
 
