@@ -138,7 +138,7 @@ _CONFIGS = {
         # Exact fp32 and fp64 products run on FMA units, operands in registers:
         # short K steps keep them from spilling.
         ("sm90", "ieee"): [_tile(64, 64, 16, 4, 2), _tile(128, 64, 8, 8, 2)],
-        ("sm80", "ieee"): [_tile(64, 64, 16, 4, 2), _tile(128, 64, 8, 8, 2)],
+        ("sm80", "ieee"): [_tile(64, 64, 8, 4, 2), _tile(128, 64, 8, 8, 2)],
         ("sm90", "fp64"): [_tile(32, 64, 16, 4, 2)],
         ("sm80", "fp64"): [_tile(32, 64, 16, 4, 2)],
     },
