@@ -9,6 +9,7 @@ import argparse
 import torch
 
 from benchmarks import bench_contrastive
+from benchmarks import bench_siglip
 
 
 def main() -> None:
@@ -25,6 +26,8 @@ def main() -> None:
         ns, d = [4096, 8192, 16384], 512
     dtype = "bfloat16" if cuda else "float32"
     bench_contrastive.run(ns, d, dtype, "cuda" if cuda else "cpu", None, reps=3, save=not args.no_save)
+    print()
+    bench_siglip.run(ns, d, dtype, "cuda" if cuda else "cpu", None, reps=3, save=not args.no_save)
 
 
 if __name__ == "__main__":
