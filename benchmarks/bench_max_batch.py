@@ -146,11 +146,12 @@ def _spec(impl: str, n: int, settings: Settings, device: str, deadline: float | 
     case = Case(n, n, settings.d, settings.dtype)
     warmup_n = settings.warmup_n if device == "cpu" else None
     return harness.Spec(impl, [case], device, reps=1, max_seconds=0.0, deadline=None, timing=False,
-                        warmup_n=warmup_n, budget_mib=settings.budget_gib * 1024)
+                        warmup_n=warmup_n, budget_mib=settings.budget_gib * 1024, check=False)
 
 
 def _search_child(spec_json: str) -> None:
     """GPU: the whole search of one implementation in this process."""
+    harness.exit_with_parent()
     raw = json.loads(spec_json)
     settings, impl, device, deadline = Settings(**raw["settings"]), raw["impl"], raw["device"], raw["deadline"]
 
