@@ -54,7 +54,14 @@ class Settings:
     trial_seconds: float
     max_n: int
     warmup_n: int = 256
-    steps_per_trial: int = 1    # full-size steps a trial runs (GPU: a warm-up at its N, then the step)
+    # One process runs the whole search (GPU; each trial warms up at its own N: Triton
+    # autotunes per shape), or a fresh process per trial (CPU: warm-up on a small N).
+    in_process: bool = False
+
+    @property
+    def steps_per_trial(self) -> int:
+        """Full-size forward + backward steps one trial runs."""
+        return 2 if self.in_process else 1
 
 
 def default_settings(device: str, quick: bool, budget_gib: float | None) -> Settings:
@@ -63,7 +70,7 @@ def default_settings(device: str, quick: bool, budget_gib: float | None) -> Sett
                         trial_seconds=20.0, max_n=4096)
     if device == "cuda":
         return Settings(d=768, dtype="bfloat16", budget_gib=budget_gib or 8.0, start_n=16384, granule=1024,
-                        trial_seconds=20.0, max_n=1 << 23, steps_per_trial=2)
+                        trial_seconds=20.0, max_n=1 << 23, in_process=True)
     return Settings(d=512, dtype="float32", budget_gib=budget_gib or 4.0, start_n=4096, granule=256,
                     trial_seconds=60.0, max_n=1 << 20)
 
@@ -142,21 +149,21 @@ def search(trial, settings: Settings, deadline: float | None, on_trial=lambda r:
     }
 
 
-def _spec(impl: str, n: int, settings: Settings, device: str, deadline: float | None) -> harness.Spec:
+def _spec(impl: str, n: int, settings: Settings, device: str) -> harness.Spec:
     case = Case(n, n, settings.d, settings.dtype)
-    warmup_n = settings.warmup_n if device == "cpu" else None
+    warmup_n = None if settings.in_process else settings.warmup_n
     return harness.Spec(impl, [case], device, reps=1, max_seconds=0.0, deadline=None, timing=False,
                         warmup_n=warmup_n, budget_mib=settings.budget_gib * 1024, check=False)
 
 
 def _search_child(spec_json: str) -> None:
-    """GPU: the whole search of one implementation in this process."""
+    """The whole search of one implementation in this process (Settings.in_process)."""
     harness.exit_with_parent()
     raw = json.loads(spec_json)
     settings, impl, device, deadline = Settings(**raw["settings"]), raw["impl"], raw["device"], raw["deadline"]
 
     def trial(n):
-        spec = _spec(impl, n, settings, device, deadline)
+        spec = _spec(impl, n, settings, device)
         return harness.measure_case(bench_contrastive.prepare, spec, spec.cases[0])
 
     summary = search(trial, settings, deadline, on_trial=lambda r: harness.emit({**r, "kind": "trial"}))
@@ -197,11 +204,11 @@ def run(options: SuiteOptions, settings: Settings, impls: list[str], notes: dict
     for i, impl in enumerate(impls):
         deadline = harness.share_deadline(options.deadline, len(impls) - i)
         print(f"   [{harness.elapsed(started)}] {impl} ({i + 1}/{len(impls)}) ...", flush=True)
-        if device == "cuda":
-            summary = _gpu_search(impl, settings, device, deadline, lambda r: on_trial(impl, r))
+        if settings.in_process:
+            summary = search_in_child(impl, settings, device, deadline, lambda r: on_trial(impl, r))
         else:
             def trial(n, impl=impl):
-                spec = _spec(impl, n, settings, device, deadline)
+                spec = _spec(impl, n, settings, device)
                 timeout = settings.trial_seconds * 5 + 60
                 return harness.run_child_spec("benchmarks.bench_contrastive", spec, lambda r: None,
                                               timeout=timeout)[0]
@@ -231,7 +238,9 @@ def _max_n_text(row: dict) -> str:
     return (">=" if row["limited_by"] in ("time", "max_n") else "") + str(row["max_n"])
 
 
-def _gpu_search(impl, settings, device, deadline, on_trial) -> dict:
+def search_in_child(impl: str, settings: Settings, device: str, deadline: float | None,
+                    on_trial=lambda r: None) -> dict:
+    """:func:`search` for ``impl`` run whole in one child process; returns its summary."""
     payload = json.dumps({"impl": impl, "device": device, "deadline": deadline,
                           "settings": dataclasses.asdict(settings)})
     summary: dict = {}
@@ -243,23 +252,10 @@ def _gpu_search(impl, settings, device, deadline, on_trial) -> dict:
             summary.update({k: v for k, v in result.items() if k not in ("impl", "kind")})
 
     timeout = None if deadline is None else deadline - time.time() + 90
-    env = harness.child_env()
-    import subprocess
-    proc = subprocess.Popen([sys.executable, "-m", MODULE, "--search", payload], cwd=common.ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        harness._kill(proc)
-        out, err = proc.communicate()
-        err = (err or "") + f"\ntimed out after {timeout:.0f} s"
-    for line in (out or "").splitlines():
-        if line.startswith(harness.RESULT_TAG):
-            on_result(json.loads(line[len(harness.RESULT_TAG):]))
+    _, why = harness.stream_child(["-m", MODULE, "--search", payload], on_result, timeout)
     if not summary:
-        tail = [line for line in (err or "").splitlines() if line.strip()]
         summary = {"max_n": None, "limited_by": "error", "first_failing_n": None,
-                   "fail_reason": tail[-1][:300] if tail else f"exit status {proc.returncode}",
+                   "fail_reason": why or "the search reported nothing",
                    "peak_mib_at_max": None, "budget_used_pct": None, "step_s_at_max": None, "trials": 0}
     return summary
 
@@ -284,12 +280,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impl", nargs="+")
     parser.add_argument("--trial-seconds", type=float, help="longest trial the search may start")
     parser.add_argument("--start-n", type=int)
+    parser.add_argument("--in-process", action="store_true",
+                        help="one process per implementation runs the whole search (the GPU default)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     settings = default_settings(args.device, args.quick, args.memory_budget)
     for field, value in (("d", args.d), ("dtype", args.dtype), ("trial_seconds", args.trial_seconds),
-                         ("start_n", args.start_n)):
+                         ("start_n", args.start_n), ("in_process", args.in_process or None)):
         if value is not None:
             setattr(settings, field, value)
     impls, notes = default_impls(args.device, args.quick)

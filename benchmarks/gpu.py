@@ -227,9 +227,9 @@ def pack(out: Path) -> Path:
     return tarball
 
 
-def collect(source: Path) -> None:
-    """Append the rows of a GPU run (its OUT folder or results.tar.gz) to benchmarks/results/
-    (runs already there are left out) and redraw the plots."""
+def collect(source: Path, into: Path = common.RESULTS_DIR) -> None:
+    """Append the rows of a GPU run (its OUT folder or results.tar.gz) to ``into``
+    (benchmarks/results/; runs already there are left out) and redraw the plots."""
     with tempfile.TemporaryDirectory() as tmp:
         if source.is_file():
             with tarfile.open(source) as tar:
@@ -240,17 +240,20 @@ def collect(source: Path) -> None:
             source = Path(tmp)
         for jsonl in sorted(source.glob("*.jsonl")):
             rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-            existing = {json.loads(line).get("run_id") for line in
-                        (common.RESULTS_DIR / jsonl.name).read_text().splitlines() if line.strip()} \
-                if (common.RESULTS_DIR / jsonl.name).exists() else set()
+            target = into / jsonl.name
+            existing = ({json.loads(line).get("run_id") for line in target.read_text().splitlines()
+                         if line.strip()} if target.exists() else set())
             new = [row for row in rows if row.get("run_id") not in existing]
             if new:
-                common.append_rows(jsonl.stem, new, common.RESULTS_DIR)
+                common.append_rows(jsonl.stem, new, into)
             print(f"{jsonl.stem}: {len(new)} new rows ({len(rows) - len(new)} already there)")
-    from benchmarks import plot
+    try:
+        from benchmarks import plot
 
-    for path in plot.plot_all(common.RESULTS_DIR):
-        print(path)
+        for path in plot.plot_all(into):
+            print(path)
+    except ImportError as error:
+        print(f"plots skipped ({error})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,9 +269,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="on CPU at quick sizes: checks the script where there is no GPU")
     parser.add_argument("--collect", type=Path, metavar="OUT_OR_TARBALL",
                         help="instead of running: add a GPU run's rows to benchmarks/results/")
+    parser.add_argument("--into", type=Path, default=common.RESULTS_DIR,
+                        help="with --collect: the results folder to add to (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.collect:
-        collect(args.collect)
+        collect(args.collect, args.into)
         return 0
     if args.out is None:
         parser.error("OUT is required")

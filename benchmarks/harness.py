@@ -333,22 +333,18 @@ def child_env() -> dict:
     return env
 
 
-def run_child_spec(module: str, spec: Spec, on_result: Callable[[dict], None],
-                   timeout: float | None = None, extra_env: dict | None = None) -> list[dict]:
-    """Run ``python -m module --child SPEC``; call ``on_result`` for each result as it
-    arrives. Cases the child did not report (crash, timeout) come back as errors."""
-    env = child_env()
-    env.update(extra_env or {})
+def stream_child(args: list[str], on_result: Callable[[dict], None],
+                 timeout: float | None = None) -> tuple[list[dict], str | None]:
+    """Run ``python ARGS`` (a child of this harness) and call ``on_result`` for each result
+    line as it arrives; returns (results, why it ended early or None)."""
     results: list[dict] = []
     with tempfile.TemporaryFile(mode="w+") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", module, "--child", spec.to_json()], cwd=common.ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, *args], cwd=common.ROOT, env=child_env(),
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
         started = time.time()
         timed_out = False
         lines: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
-        reader.start()
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         while True:
             wait = None if timeout is None else timeout - (time.time() - started)
             if wait is not None and wait <= 0:
@@ -369,17 +365,27 @@ def run_child_spec(module: str, spec: Spec, on_result: Callable[[dict], None],
         proc.wait()
         stderr.seek(0)
         tail = [line for line in stderr.read().strip().splitlines() if line.strip()]
+    if timed_out:
+        why = f"timed out after {timeout:.0f} s"
+    elif proc.returncode and proc.returncode < 0:
+        why = f"child killed by signal {-proc.returncode} (out of memory?)"
+    elif proc.returncode:
+        why = tail[-1][:300] if tail else f"child exited with status {proc.returncode}"
+    else:
+        why = None
+    return results, why
+
+
+def run_child_spec(module: str, spec: Spec, on_result: Callable[[dict], None],
+                   timeout: float | None = None) -> list[dict]:
+    """Run ``python -m module --child SPEC``; call ``on_result`` for each result as it
+    arrives. Cases the child did not report (crash, timeout) come back as errors."""
+    results, why = stream_child(["-m", module, "--child", spec.to_json()], on_result, timeout)
     done = {(r["n"], r["m"], r["d"], r["dtype"]) for r in results}
-    missing = [c for c in spec.cases if (c.n, c.m, c.d, c.dtype) not in done]
-    if missing:
-        if timed_out:
-            why = f"timed out after {timeout:.0f} s"
-        elif proc.returncode and proc.returncode < 0:
-            why = f"child killed by signal {-proc.returncode} (out of memory?)"
-        else:
-            why = tail[-1][:300] if tail else f"child exited with status {proc.returncode}"
-        for case in missing:
-            result = {"impl": spec.impl, **dataclasses.asdict(case), "status": "error", "error": why}
+    for case in spec.cases:
+        if (case.n, case.m, case.d, case.dtype) not in done:
+            result = {"impl": spec.impl, **dataclasses.asdict(case), "status": "error",
+                      "error": why or "the child reported nothing"}
             results.append(result)
             on_result(result)
     return results

@@ -110,6 +110,16 @@ def test_max_batch_search_finds_the_memory_limit(quick_run):
     assert int(tiled["max_n"]) > int(naive["max_n"])
 
 
+def test_search_in_one_process_the_gpu_way():
+    """The GPU's search path (one child runs every trial, each warmed up at its own N), on CPU."""
+    settings = bench_max_batch.default_settings("cpu", quick=True, budget_gib=None)
+    settings.in_process = True
+    summary = bench_max_batch.search_in_child("naive", settings, "cpu", deadline=None)
+    assert summary["limited_by"] == "memory", summary
+    assert summary["peak_mib_at_max"] <= settings.budget_gib * 1024
+    assert 256 <= summary["max_n"] < summary["first_failing_n"] <= 4096
+
+
 def test_plots_are_drawn(quick_run):
     pytest.importorskip("matplotlib")
     out, _, _ = quick_run
@@ -132,6 +142,15 @@ def test_gpu_script_dry_run_writes_and_packs_everything(tmp_path):
         names = set(tar.getnames())
     assert {"env.txt", "bench.log", "summary.md", "similarity.csv", "similarity.jsonl"} <= names, names
     assert len(list(out.iterdir())) <= 8  # what a tool that fetches 8 files can take
+
+    # --collect adds the run's rows to a results folder, once
+    into = tmp_path / "results"
+    for _ in range(2):
+        subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--collect", str(out / "results.tar.gz"),
+                        "--into", str(into)], cwd=ROOT, env=_env(), check=True, timeout=120)
+    with tarfile.open(out / "results.tar.gz") as tar:
+        packed = tar.extractfile("similarity.jsonl").read().decode().splitlines()
+    assert len((into / "similarity.jsonl").read_text().splitlines()) == len(packed) > 0
 
 
 def test_gpu_script_stops_a_stage_at_its_timeout(tmp_path):
