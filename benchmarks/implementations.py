@@ -15,7 +15,8 @@ open_clip          open_clip's ``ClipLoss`` as installed, on F.normalize'd
 memeff             ``memeff.MemoryEfficientCLIPLoss`` (Triton; CUDA tensors
                    only). Takes a fixed temperature: no logit-scale gradient
 inf_cl             Inf-CL's ``cal_flash_loss`` both ways, averaged (Triton;
-                   CUDA tensors only)
+                   CUDA tensors only; D a multiple of its head_dim, 256;
+                   computes in fp32 whatever the input dtype)
 =================  ==========================================================
 
 Every implementation computes the symmetric CLIP loss of the L2-normalized
@@ -166,9 +167,9 @@ def contrastive_fn(name: str, scale_value: float) -> Callable:
     if name == "inf_cl":
         from inf_cl import cal_flash_loss
 
-        def loss(a, b, scale):
+        def loss(a, b, scale):  # cal_flash_loss gives the per-row losses of one direction, in fp32
             an, bn = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-            return (cal_flash_loss(an, bn, scale=scale) + cal_flash_loss(bn, an, scale=scale)) / 2
+            return (cal_flash_loss(an, bn, scale=scale).mean() + cal_flash_loss(bn, an, scale=scale).mean()) / 2
 
         return loss
     raise ValueError(f"unknown implementation {name!r}")

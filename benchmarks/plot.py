@@ -1,6 +1,7 @@
 """PNG plots of benchmark results: time vs N, peak memory vs N, maximum batch per implementation.
 
     python -m benchmarks.plot [--results-dir benchmarks/results] [--run RUN_ID]
+    python -m benchmarks.plot --markdown cpu     # the latest CPU run as Markdown tables (README)
 
 Reads the CSV files the suites append to (contrastive.csv, logsumexp.csv,
 similarity.csv, max_batch.csv, max_batch_trials.csv) and draws, for the
@@ -200,11 +201,66 @@ def plot_all(folder: Path | None = None, run_id: str | None = None) -> list[Path
     return written
 
 
+def _fmt(value, digits: int = 3) -> str:
+    number = _num(value)
+    if number is None:
+        return ""
+    return f"{number:.{digits}g}" if abs(number) < 10 ** digits else f"{number:.0f}"
+
+
+def markdown(folder: Path | None = None, device: str = "cpu") -> str:
+    """Markdown tables of the latest run on ``device`` (for the README's Results)."""
+    folder = Path(folder) if folder is not None else common.results_dir()
+    rows = _read(folder / "contrastive.csv")
+    run = latest_runs(rows).get(device)
+    out = []
+    selected = [r for r in rows if r.get("run_id") == run and r["impl"] != "matmul peak"]
+    if selected:
+        first = selected[0]
+        out.append(f"contrastive_loss forward + backward, {first['device']}, torch {first['torch']}, "
+                   f"{first['date'][:10]}, {first['git_sha']} (run {run}):\n")
+        out.append("| impl | N | D | dtype | fwd ms | bwd ms | total ms [q20, q80] | TFLOP/s | % mm peak "
+                   "| x floor | vs naive | peak MiB | extra MiB |")
+        out.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in selected:
+            if r.get("status") != "ok":
+                out.append(f"| {r['impl']} | {r['n']} | {r['d']} | {r['dtype']} | {r.get('status')}: "
+                           f"{r.get('error', '')} |||||||||")
+                continue
+            total = (f"{_fmt(r.get('total_median_ms'))} [{_fmt(r.get('total_q20_ms'))}, "
+                     f"{_fmt(r.get('total_q80_ms'))}]" if r.get("total_q20_ms") else _fmt(r.get("total_median_ms")))
+            out.append(f"| {r['impl']} | {r['n']} | {r['d']} | {r['dtype']} | {_fmt(r.get('fwd_median_ms'))} | "
+                       f"{_fmt(r.get('bwd_median_ms'))} | {total} | {_fmt(r.get('tflops'))} | "
+                       f"{_fmt(r.get('pct_of_mm_peak'), 2)} | {_fmt(r.get('x_floor'))} | "
+                       f"{_fmt(r.get('speedup_vs_naive'))} | {_fmt(r.get('peak_mib'))} | {_fmt(r.get('extra_mib'))} |")
+    summaries = _read(folder / "max_batch.csv")
+    run = latest_runs(summaries).get(device)
+    selected = [r for r in summaries if r.get("run_id") == run]
+    if selected:
+        first = selected[0]
+        budget = _num(first.get("memory_budget_mib")) or 0
+        out.append(f"\nMaximum batch within {budget / 1024:g} GiB, D = {first['d']}, {first['dtype']} "
+                   f"(run {run}):\n")
+        out.append("| impl | max N | limited by | first N that did not fit | peak MiB at max N | step s at max N |")
+        out.append("|---|---:|---|---:|---:|---:|")
+        for r in selected:
+            bound = ">=" if r.get("limited_by") in ("time", "max_n") else ""
+            out.append(f"| {r['impl']} | {bound}{r.get('max_n') or 'none'} | {r.get('limited_by')} | "
+                       f"{r.get('first_failing_n') or ''} | {_fmt(r.get('peak_mib_at_max'))} | "
+                       f"{_fmt(r.get('step_s_at_max'))} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--run", help="the run id to draw (default: the latest per device type)")
+    parser.add_argument("--markdown", metavar="DEVICE", help="print the latest run on DEVICE (cpu, cuda) "
+                                                             "as Markdown tables instead of drawing")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(args.results_dir, args.markdown))
+        return
     for path in plot_all(args.results_dir, args.run):
         print(path)
 
