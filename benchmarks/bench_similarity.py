@@ -28,7 +28,7 @@ MODULE = "benchmarks.bench_similarity"
 OP = "similarity"
 SCALE = 1.0 / 0.07
 SUITE_ORDER = 40
-SUITE_WEIGHT = 1.0
+SUITE_WEIGHT = 0.5
 BASELINE = "unfused"
 
 

@@ -5,12 +5,15 @@ implementations, the cases (N, M, D, dtype) and, for one implementation and
 one case, a :class:`Workload` (forward, backward, inputs). This module says
 *how*, the same way for every op:
 
-Parent side (:func:`run_impls`): one child process per implementation
-(``python -m <script> --child <spec>``), which runs that implementation's
-cases in order and prints one result line per case as it finishes. A child
-of its own keeps each implementation's memory, compile caches and crashes
-away from the others; the parent streams the results, so a table prints as
-the run goes, and a child that dies or runs out of time loses only the cases
+Parent side (:func:`run_op_suite`, :func:`run_child_spec`): child processes
+(``python -m <script> --child <spec>``) run the implementations' cases in
+order and print one result line per case as it finishes; the parent streams
+them, so a table prints as the run goes. CPU: a child per implementation, so
+that each peak RSS, compile cache and crash is its own. GPU: one child runs
+every implementation in turn (peak memory is exact per case there, and a
+process start costs seconds the GPU run does not have); after a CUDA error
+that leaves the context unusable, a fresh child takes the implementations
+not yet started. A child that dies or runs out of time loses only the cases
 it had not finished.
 
 Child side (:func:`child_main`), per case:
@@ -96,7 +99,8 @@ class Workload:
 
 @dataclass
 class Spec:
-    """What one child process runs: one implementation over a list of cases."""
+    """What one child process runs: implementation ``impl`` over a list of cases, then
+    each of ``then`` over the same cases (GPU: one process start for all of them)."""
 
     impl: str
     cases: list[Case]
@@ -108,6 +112,10 @@ class Spec:
     warmup_n: int | None = None  # warm up on this N (then no full-size warm-up); None: full size
     budget_mib: float | None = None  # fail fast past this much memory (set after the warm-up)
     check: bool = True          # compare the output with the workload's reference
+    then: list[str] = dataclasses.field(default_factory=list)
+
+    def impls(self) -> list[str]:
+        return [self.impl, *self.then]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -215,26 +223,28 @@ def _is_oom(error: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text or "Cannot allocate memory" in text
 
 
-def measure_case(prepare: Callable[[str, Case, str], Workload], spec: Spec, case: Case) -> dict:
-    """Build, warm up, and measure one case (see the module docstring)."""
+def measure_case(prepare: Callable[[str, Case, str], Workload], spec: Spec, case: Case,
+                 impl: str | None = None) -> dict:
+    """Build, warm up, and measure one case of ``impl`` (default spec.impl; see the module docstring)."""
     device = spec.device
-    result: dict = {"impl": spec.impl, **dataclasses.asdict(case)}
+    impl = impl or spec.impl
+    result: dict = {"impl": impl, **dataclasses.asdict(case)}
     started = time.perf_counter()
     work = None
     try:
         if spec.warmup_n:  # warm up small (compiles, threads), then only the measured step runs big
             small = dataclasses.replace(case, n=min(spec.warmup_n, case.n), m=min(spec.warmup_n, case.m))
-            warm = prepare(spec.impl, small, device)
+            warm = prepare(impl, small, device)
             warm.zero_grad()
             warm.backward(warm.forward())
             del warm
             gc.collect()
             guard_memory(device, spec.budget_mib)
-            work = prepare(spec.impl, case, device)
+            work = prepare(impl, case, device)
             result["note"] = work.note
         else:
             guard_memory(device, spec.budget_mib)
-            work = prepare(spec.impl, case, device)
+            work = prepare(impl, case, device)
             result["note"] = work.note
             work.zero_grad()
             out = work.forward()
@@ -295,22 +305,38 @@ def exit_with_parent() -> None:
 
 def child_main(prepare: Callable[[str, Case, str], Workload], spec_json: str) -> None:
     """Run a child's cases in order, printing each result as it is done. The
-    implementation FLOOR (the matmul floor) is the same for every op."""
+    implementation FLOOR (the matmul floor) is the same for every op. Each implementation
+    gets an equal share of the time left to the deadline."""
     exit_with_parent()
     spec = Spec.from_json(spec_json)
-    if spec.impl == FLOOR:
-        prepare = lambda impl, case, device: matmul_workload(case, device)  # noqa: E731
-    last: dict | None = None
-    for case in spec.cases:
-        if spec.deadline is not None:
-            if time.time() + _predicted_seconds(spec, last, case) > spec.deadline:
-                emit({"impl": spec.impl, **dataclasses.asdict(case), "status": "skipped",
-                      "error": "time budget"})
+    impls = spec.impls()
+    for i, impl in enumerate(impls):
+        run_cases = (lambda _, case, device: matmul_workload(case, device)) if impl == FLOOR else prepare
+        deadline = share_deadline(spec.deadline, len(impls) - i)
+        emit({"impl": impl, "event": "start"})  # so that a parent knows what a crash interrupted
+        last: dict | None = None
+        for case in spec.cases:
+            if deadline is not None and time.time() + _predicted_seconds(spec, last, case) > deadline:
+                emit({"impl": impl, **dataclasses.asdict(case), "status": "skipped", "error": "time budget"})
                 continue
-        result = measure_case(prepare, spec, case)
-        if result["status"] == "ok":
-            last = result
-        emit(result)
+            result = measure_case(run_cases, spec, case, impl)
+            if result["status"] == "ok":
+                last = result
+            emit(result)
+            if _sticky_cuda_error(result):  # the context is gone: a fresh process takes over
+                sys.stdout.flush()
+                os._exit(STICKY_EXIT)
+
+
+STICKY_EXIT = 17
+
+
+def _sticky_cuda_error(result: dict) -> bool:
+    """A CUDA error after which this process's context cannot run anything more."""
+    text = str(result.get("error", "")).lower()
+    return result["status"] == "error" and any(
+        sign in text for sign in ("illegal memory access", "unspecified launch failure", "device-side assert",
+                                  "misaligned address", "illegal instruction"))
 
 
 def _predicted_seconds(spec: Spec, last: dict | None, case: Case) -> float:
@@ -379,15 +405,40 @@ def stream_child(args: list[str], on_result: Callable[[dict], None],
 def run_child_spec(module: str, spec: Spec, on_result: Callable[[dict], None],
                    timeout: float | None = None) -> list[dict]:
     """Run ``python -m module --child SPEC``; call ``on_result`` for each result as it
-    arrives. Cases the child did not report (crash, timeout) come back as errors."""
-    results, why = stream_child(["-m", module, "--child", spec.to_json()], on_result, timeout)
-    done = {(r["n"], r["m"], r["d"], r["dtype"]) for r in results}
-    for case in spec.cases:
-        if (case.n, case.m, case.d, case.dtype) not in done:
-            result = {"impl": spec.impl, **dataclasses.asdict(case), "status": "error",
-                      "error": why or "the child reported nothing"}
-            results.append(result)
-            on_result(result)
+    arrives. When the child ends early, implementations it had not started get a fresh
+    child; cases it never reported (crash, timeout) come back as errors."""
+    started = time.time()
+    results: list[dict] = []
+    pending = spec.impls()
+    why_by_impl: dict[str, str | None] = {}
+    begun: list[str] = []
+
+    def on_line(line: dict) -> None:
+        if line.get("event") == "start":
+            begun.append(line["impl"])
+        else:
+            results.append(line)
+            on_result(line)
+
+    while pending:
+        child = dataclasses.replace(spec, impl=pending[0], then=pending[1:])
+        left = None if timeout is None else timeout - (time.time() - started)
+        begun.clear()
+        _, why = stream_child(["-m", module, "--child", child.to_json()], on_line, left)
+        why_by_impl.update({impl: why for impl in pending})
+        if why is None or not begun or (left is not None and time.time() - started >= timeout):
+            break
+        # the child died (e.g. a CUDA error) while running begun[-1]: the implementations
+        # after it start again in a fresh process
+        pending = pending[pending.index(begun[-1]) + 1:]
+    done = {(r["impl"], r["n"], r["m"], r["d"], r["dtype"]) for r in results}
+    for impl in spec.impls():
+        for case in spec.cases:
+            if (impl, case.n, case.m, case.d, case.dtype) not in done:
+                result = {"impl": impl, **dataclasses.asdict(case), "status": "error",
+                          "error": why_by_impl.get(impl) or "the child reported nothing"}
+                results.append(result)
+                on_result(result)
     return results
 
 
@@ -488,8 +539,9 @@ def run_op_suite(*, module: str, op: str, title: str, cases: list[Case], impls: 
                  notes: dict[str, str], options: SuiteOptions, baseline: str = "naive",
                  kind: Callable[[str], str] = lambda name: "mmkernels",
                  version: Callable[[str], str | None] = lambda name: None) -> list[dict]:
-    """Measure ``impls`` on ``cases`` (one child each, plus the matmul floor first),
-    print a row per result as it arrives, and append the rows to results/<op>.csv."""
+    """Measure ``impls`` on ``cases`` (the matmul floor first; then on CPU a child per
+    implementation, on GPU one child for all), print a row per result as it arrives, and
+    append the rows to results/<op>.csv."""
     started = time.time()
     device = options.device
     env = common.environment(device)
@@ -592,12 +644,27 @@ def run_op_suite(*, module: str, op: str, title: str, cases: list[Case], impls: 
         keep(row)
         print(table.row(shown), flush=True)
 
-    for i, impl in enumerate(impls):
-        print(f"   [{elapsed(started)}] {impl} ({i + 1}/{len(impls)}) ...", flush=True)
-        spec = Spec(impl, list(cases), device, reps, max_seconds,
-                    share_deadline(options.deadline, len(impls) - i))
+    if device == "cuda" and impls:
+        # One process for every implementation: process and CUDA start-up are seconds each,
+        # and the GPU run has minutes (after a CUDA error a fresh process takes the rest).
+        seen: set[str] = set()
+
+        def with_progress(result: dict) -> None:
+            if result["impl"] not in seen:
+                seen.add(result["impl"])
+                print(f"   [{elapsed(started)}] {result['impl']} ({len(seen)}/{len(impls)})", flush=True)
+            on_result(result)
+
+        spec = Spec(impls[0], list(cases), device, reps, max_seconds, options.deadline, then=impls[1:])
         timeout = None if spec.deadline is None else spec.deadline - time.time() + 60
-        run_child_spec(module, spec, on_result, timeout=timeout)
+        run_child_spec(module, spec, with_progress, timeout=timeout)
+    else:  # CPU: a process per implementation, so that each peak RSS is its own
+        for i, impl in enumerate(impls):
+            print(f"   [{elapsed(started)}] {impl} ({i + 1}/{len(impls)}) ...", flush=True)
+            spec = Spec(impl, list(cases), device, reps, max_seconds,
+                        share_deadline(options.deadline, len(impls) - i))
+            timeout = None if spec.deadline is None else spec.deadline - time.time() + 60
+            run_child_spec(module, spec, on_result, timeout=timeout)
     print(f"   [{elapsed(started)}] done" + (f"; rows appended to {common.results_dir() / op}.csv and .jsonl"
                                             if options.save and rows else ""), flush=True)
     return rows
