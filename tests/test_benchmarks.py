@@ -81,6 +81,8 @@ def test_rows_are_complete_and_stamped(quick_run):
                                                    rel=1e-6)
         # every implementation computes the same loss (checked against the torch backend in fp32)
         assert float(r["rel_err"]) < 1e-4, r
+    assert all(r["status"] == "ok" for r in rows), [(r["impl"], r["error"]) for r in rows]
+    assert {"matmul floor", "matmul peak"} <= {r["impl"] for r in rows}
     assert len({r["run_id"] for r in rows}) == 1
     jsonl = [json.loads(line) for line in (out / "contrastive.jsonl").read_text().splitlines()]
     assert len(jsonl) == len(rows)
