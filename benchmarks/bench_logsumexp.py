@@ -84,7 +84,8 @@ def run(cases: list[Case], options: SuiteOptions) -> list[dict]:
     return harness.run_op_suite(
         module=MODULE, op=OP, cases=cases, impls=impls, notes=notes, options=options,
         title="similarity_logsumexp forward + backward (normalize=True)",
-        kind=implementations.kind, version=implementations.version)
+        kind=implementations.kind, version=implementations.version,
+        floor=not options.quick)  # CI: bench_contrastive covers the floor
 
 
 def run_suite(options: SuiteOptions) -> list[dict]:

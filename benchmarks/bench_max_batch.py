@@ -67,7 +67,7 @@ class Settings:
 def default_settings(device: str, quick: bool, budget_gib: float | None) -> Settings:
     if quick:
         return Settings(d=64, dtype="float32", budget_gib=budget_gib or 1 / 32, start_n=512, granule=128,
-                        trial_seconds=20.0, max_n=4096)
+                        trial_seconds=20.0, max_n=2048)
     if device == "cuda":
         return Settings(d=768, dtype="bfloat16", budget_gib=budget_gib or 8.0, start_n=16384, granule=1024,
                         trial_seconds=20.0, max_n=1 << 23, in_process=True)

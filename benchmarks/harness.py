@@ -538,7 +538,7 @@ def default_reps(device: str) -> tuple[int, float]:
 def run_op_suite(*, module: str, op: str, title: str, cases: list[Case], impls: list[str],
                  notes: dict[str, str], options: SuiteOptions, baseline: str = "naive",
                  kind: Callable[[str], str] = lambda name: "mmkernels",
-                 version: Callable[[str], str | None] = lambda name: None) -> list[dict]:
+                 version: Callable[[str], str | None] = lambda name: None, floor: bool = True) -> list[dict]:
     """Measure ``impls`` on ``cases`` (the matmul floor first; then on CPU a child per
     implementation, on GPU one child for all), print a row per result as it arrives, and
     append the rows to results/<op>.csv."""
@@ -595,7 +595,8 @@ def run_op_suite(*, module: str, op: str, title: str, cases: list[Case], impls: 
 
     floor_spec = Spec(FLOOR, list(cases) + peak_cases, device, reps, max_seconds,
                       share_deadline(options.deadline, len(impls) + 1))
-    print(f"   [{elapsed(started)}] matmul floor ...", flush=True)
+    if floor:
+        print(f"   [{elapsed(started)}] matmul floor ...", flush=True)
     peak_keys = {(c.n, c.m, c.d, c.dtype) for c in peak_cases}
 
     def floor_or_peak(result: dict) -> None:
@@ -603,7 +604,8 @@ def run_op_suite(*, module: str, op: str, title: str, cases: list[Case], impls: 
             result = {**result, "impl": PEAK}
         on_floor(result)
 
-    run_child_spec(module, floor_spec, floor_or_peak)
+    if floor:
+        run_child_spec(module, floor_spec, floor_or_peak)
 
     def on_result(result: dict) -> None:
         impl = result["impl"]
