@@ -27,6 +27,8 @@ def extension_modules() -> list:
 EXTRAS = {
     "test": ["pytest>=7", "pytest-timeout", "open_clip_torch>=2.20", "transformers>=4.40"],
     "bench": ["matplotlib", "tqdm"],
+    # peers the benchmarks compare against, when installed (Triton kernels: CUDA only)
+    "peers": ["memeff", "inf_cl"],
     "train": ["pillow", "tqdm", "matplotlib"],
 }
 
