@@ -49,8 +49,9 @@ def recording(arch_name: str, sms: int = 132):
 
 
 def record_all(arch_name: str, dtype: torch.dtype, n: int = 8192, m: int = 8192, d: int = 768):
-    """Every kernel launch of the triton backend's four ops (both normalize modes)."""
-    from mmkernels.triton import logsumexp, similarity
+    """Every kernel launch of the triton backend's six ops (both normalize modes; siglip's
+    with and without positives on the diagonal)."""
+    from mmkernels.triton import logsumexp, siglip, similarity
 
     a, b = torch.randn(n, d, dtype=dtype), torch.randn(m, d, dtype=dtype)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -63,6 +64,10 @@ def record_all(arch_name: str, dtype: torch.dtype, n: int = 8192, m: int = 8192,
                                 torch.rand(m, dtype=cdt))
         similarity._forward(a, b, scale)
         similarity._backward(a, b, scale, torch.randn(n, m, dtype=dtype))
+        bias = torch.tensor(-10.0, dtype=cdt)
+        for normalize, diagonal in ((False, True), (True, False)):
+            siglip._forward(a, b, scale, bias, normalize, diagonal)
+            siglip._backward(a, b, scale, bias, normalize, diagonal, torch.rand(n, dtype=cdt))
     return calls
 
 
