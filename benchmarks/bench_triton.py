@@ -88,14 +88,14 @@ def measure(n: int, d: int, dtype: torch.dtype) -> list[dict]:
         lambda: siglip.triton_siglip_fwd(a, b, sig_scale, bias, True, True)), gemm)
     results["siglip_bwd"] = (common.time_cuda(
         lambda: siglip.triton_siglip_bwd(a, b, sig_scale, bias, True, True, g_row)), 3 * gemm)
-    sig_kernel = _launch.tuned(siglip._siglip_bwd_p_kernel, "tile", a.device, dtype, ("I_KEY", "J_KEY", "D_KEY"),
-                               ("part_ptr",))
+    sig_kernel = _launch.tuned(siglip._siglip_bwd_p_kernel, "tile", a.device, dtype,
+                               ("I_KEY", "J_KEY", "D_KEY"), ("part_ptr",))
     sums = torch.zeros(max(triton.cdiv(cols, c.kwargs["BLOCK_N"]) for c in sig_kernel.configs), rows,
                        device="cuda")
 
     def siglip_p_kernel():
-        _launch.launch(sig_kernel, lse._tile_grid(rows, cols), a, b, ra, rb, sig_scale, bias, g_row, one, p, sums,
-                       rows, cols, d, 0, 0, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        _launch.launch(sig_kernel, lse._tile_grid(rows, cols), a, b, ra, rb, sig_scale, bias, g_row, one,
+                       p, sums, rows, cols, d, 0, 0, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                        p.stride(0), sums.stride(0), _launch.bucket(rows), _launch.bucket(cols),
                        _launch.bucket(d), NORMALIZE=True, DIAGONAL=True, IS_FP64=False,
                        PRECISION=_launch.input_precision(dtype))

@@ -334,7 +334,8 @@ def test_tracing_under_the_interpreter_says_why_it_cannot():
 
 # --- interpreter lane: the SigLIP kernels ------------------------------------------
 
-def _siglip_contract(n, m, d, positives, normalize, scale=7.0, bias=-3.0, dtype=torch.float32, a=None, b=None):
+def _siglip_contract(n, m, d, positives, normalize, scale=7.0, bias=-3.0, dtype=torch.float32,
+                     a=None, b=None):
     """The triton siglip fwd/bwd ops against fwd_reference/bwd_reference (fp64), per element."""
     fwd, bwd = siglip_op._KERNELS["triton"]
     a = torch.randn(n, d) * 2 if a is None else a

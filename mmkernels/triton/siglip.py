@@ -53,15 +53,18 @@ in fp32 before any rounding; then ``matmul.products`` runs
 ``pb[I] (+)= P @ Bh[J]`` and ``pa[J] (+)= P.T @ Ah[I]`` in one launch.
 fp16 P is stored times a power of two ``sigma`` (:func:`p_scale`) that puts
 its bound, ``max |g_row|`` (a sigmoid is at most 1), at 2^15: no overflow
-(fp16's largest is 65504), and 15 binades more for the many small entries
-than the logsumexp backward's ``|sigma * P| <= 1`` leaves them (a softmax row
-holds an entry near its bound; SigLIP's negatives sit at sigmoid(-10) ~ 5e-5
-of it at initialization, and far lower once learnt, where fp16 would flush
-them to zero). The products accumulate in fp32 and multiply by ``1/sigma``,
-the row sums are taken before rounding: both undo it exactly. The row sums of P go into (W, I) partials, W the column
-tiles of a block (<= 64), one slot per program, accumulated over the column
-blocks of a row of blocks in a fixed order and summed once per row of blocks:
-no atomics, deterministic.
+(fp16's largest is 65504; the products multiply in fp32), and 15 binades more
+for the many small entries than the logsumexp backward's ``|sigma * P| <= 1``
+leaves them (a softmax row holds an entry near its bound; SigLIP's negatives
+sit at sigmoid(-10) ~ 5e-5 of it at initialization, and far lower once learnt,
+where fp16 would flush them to zero). The products multiply by ``1/sigma``
+and the row sums are taken before rounding: both undo it exactly.
+
+The row sums of P go into (W, I) fp32 partials, W the tile columns of a block
+(<= 64): each program writes its own slot, adding to it over the column
+blocks of a row of blocks, which are then summed once in a fixed order: no
+atomics, deterministic. As everywhere in the backend: fp32 inputs follow
+``torch.get_float32_matmul_precision()``, any strides, int64 row offsets.
 
 Cost (forward + backward, N x M x D): 4 GEMM-equivalents (8*N*M*D FLOPs),
 the floor; per logit one exp and one log (forward), one exp and one division
