@@ -13,6 +13,9 @@ with triton.testing.do_bench (median, 20/80% quantiles):
   (P @ B and P.T @ A), to see which half falls short;
 - ``similarity_fwd`` / ``similarity_bwd``: normalized_similarity's kernels
   (when N*N fits in memory);
+- ``siglip_fwd`` / ``siglip_bwd``: SigLIP's sigmoid-loss ops (1 and 3
+  GEMM-equivalents; logit_scale 10, bias -10, positives on the diagonal),
+  and within the backward one block's ``siglip_bwd_p`` kernel;
 
 and prints the autotune choice of each kernel. Rows append to
 benchmarks/results/triton_kernels.csv (and .jsonl). Needs a CUDA GPU.
@@ -34,8 +37,10 @@ def _time_mm(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def measure(n: int, d: int, dtype: torch.dtype) -> list[dict]:
+    import triton
+
     from mmkernels.ops._common import inv_norms
-    from mmkernels.triton import _launch, logsumexp as lse, matmul, similarity  # registers the ops
+    from mmkernels.triton import _launch, logsumexp as lse, matmul, siglip, similarity  # registers the ops
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(n, d, device="cuda", dtype=dtype, generator=gen)
@@ -77,6 +82,25 @@ def measure(n: int, d: int, dtype: torch.dtype) -> list[dict]:
     block = 2.0 * rows * cols * d
     results["bwd_p"] = (common.time_cuda(p_kernel), block)
     results["bwd_products"] = (common.time_cuda(products), 2 * block)
+
+    sig_scale, bias = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
+    results["siglip_fwd"] = (common.time_cuda(
+        lambda: siglip.triton_siglip_fwd(a, b, sig_scale, bias, True, True)), gemm)
+    results["siglip_bwd"] = (common.time_cuda(
+        lambda: siglip.triton_siglip_bwd(a, b, sig_scale, bias, True, True, g_row)), 3 * gemm)
+    sig_kernel = _launch.tuned(siglip._siglip_bwd_p_kernel, "tile", a.device, dtype,
+                               ("I_KEY", "J_KEY", "D_KEY"), ("part_ptr",))
+    sums = torch.zeros(max(triton.cdiv(cols, c.kwargs["BLOCK_N"]) for c in sig_kernel.configs), rows,
+                       device="cuda")
+
+    def siglip_p_kernel():
+        _launch.launch(sig_kernel, lse._tile_grid(rows, cols), a, b, ra, rb, sig_scale, bias, g_row, one,
+                       p, sums, rows, cols, d, 0, 0, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                       p.stride(0), sums.stride(0), _launch.bucket(rows), _launch.bucket(cols),
+                       _launch.bucket(d), NORMALIZE=True, DIAGONAL=True, IS_FP64=False,
+                       PRECISION=_launch.input_precision(dtype))
+
+    results["siglip_bwd_p"] = (common.time_cuda(siglip_p_kernel), block)
 
     if n * n * a.element_size() * 2 < torch.cuda.mem_get_info()[0] // 2:
         results["similarity_fwd"] = (common.time_cuda(

@@ -7,7 +7,9 @@ pytest subprocess with
 - ``MMKERNELS_TEST_BACKENDS=triton``: the generic reference tests (every
   loss and the primitive against fp64: odd shapes, N = 1, D = 1, fp16/bf16,
   non-contiguous inputs, logit_scale 100 on unnormalized features, every
-  gradient incl. logit_scale, gradcheck in fp64) run on the triton backend;
+  gradient incl. logit_scale, gradcheck in fp64) run on the triton backend,
+  siglip_loss's included (tests/test_siglip.py: its kernel contract on
+  rectangular blocks with and without positives, open_clip's SigLipLoss);
 - ``MMKERNELS_BACKEND=triton``: "auto" picks triton, so normalized_similarity
   (which has no backend argument) runs its Triton kernels;
 
@@ -31,7 +33,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 LANE = ["test_logsumexp.py", "test_contrastive.py", "test_normalized_similarity.py",
-        "test_clip_loss.py", "test_triton.py"]
+        "test_clip_loss.py", "test_siglip.py", "test_triton.py"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -1,6 +1,7 @@
 """Compile the Triton kernels for sm80 and sm90 without a GPU, as their launchers would.
 
     python tests/triton_aot.py [--arch sm90 sm80] [--dtype bfloat16 float32] [--all-configs]
+                               [--kernel _siglip_fwd_kernel ...]
 
 The launchers run on small CPU tensors with the device facts patched to those
 of the target (arch, SM count) and ``_launch.launch`` recording instead of
@@ -49,8 +50,9 @@ def recording(arch_name: str, sms: int = 132):
 
 
 def record_all(arch_name: str, dtype: torch.dtype, n: int = 8192, m: int = 8192, d: int = 768):
-    """Every kernel launch of the triton backend's four ops (both normalize modes)."""
-    from mmkernels.triton import logsumexp, similarity
+    """Every kernel launch of the triton backend's six ops (both normalize modes; siglip's
+    with and without positives on the diagonal)."""
+    from mmkernels.triton import logsumexp, siglip, similarity
 
     a, b = torch.randn(n, d, dtype=dtype), torch.randn(m, d, dtype=dtype)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -63,6 +65,10 @@ def record_all(arch_name: str, dtype: torch.dtype, n: int = 8192, m: int = 8192,
                                 torch.rand(m, dtype=cdt))
         similarity._forward(a, b, scale)
         similarity._backward(a, b, scale, torch.randn(n, m, dtype=dtype))
+        bias = torch.tensor(-10.0, dtype=cdt)
+        for normalize, diagonal in ((False, True), (True, False)):
+            siglip._forward(a, b, scale, bias, normalize, diagonal)
+            siglip._backward(a, b, scale, bias, normalize, diagonal, torch.rand(n, dtype=cdt))
     return calls
 
 
@@ -115,12 +121,12 @@ def resource_usage(compiled) -> dict:
     return usage
 
 
-def check(arch_names, dtypes, all_configs=False, out=sys.stdout):
+def check(arch_names, dtypes, all_configs=False, out=sys.stdout, only=None):
     """Compile every recorded launch; returns [(kernel, arch, dtype, config, usage)].
 
     ``dtypes``: torch dtypes, or "tf32" for fp32 inputs under
     torch.set_float32_matmul_precision("high") (plain float32 follows the
-    current setting).
+    current setting). ``only``: names of the kernels to compile (default: all).
     """
     from triton.runtime.autotuner import Autotuner
 
@@ -142,6 +148,8 @@ def check(arch_names, dtypes, all_configs=False, out=sys.stdout):
                     fn = kernel.fn
                 else:
                     configs, fn = [None], kernel
+                if only is not None and fn.__name__ not in only:
+                    continue
                 for config in configs:
                     usage = resource_usage(compile_call(fn, args, kwargs, config, TARGETS[arch_name]))
                     results.append((fn.__name__, arch_name, label, config, usage))
@@ -157,9 +165,10 @@ def main():
     parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float16", "float32", "tf32", "float64"],
                         help="torch dtype names, or tf32 (float32 under matmul precision 'high')")
     parser.add_argument("--all-configs", action="store_true", help="every autotune candidate, not the first")
+    parser.add_argument("--kernel", nargs="+", help="only these kernels (e.g. _siglip_fwd_kernel)")
     ns = parser.parse_args()
     dtypes = [name if name == "tf32" else getattr(torch, name) for name in ns.dtype]
-    results = check(ns.arch, dtypes, ns.all_configs)
+    results = check(ns.arch, dtypes, ns.all_configs, only=set(ns.kernel) if ns.kernel else None)
     spills = [r for r in results if r[4].get("local", 0) or r[4].get("stack", 0)]
     print(f"{len(results)} kernels compiled, {len(spills)} with spills")
 

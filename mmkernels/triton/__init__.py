@@ -1,4 +1,4 @@
-"""The ``triton`` backend: Triton kernels for the primitive and for normalized_similarity.
+"""The ``triton`` backend: Triton kernels for the primitive, normalized_similarity and SigLIP.
 
 Importing this package registers, through ``torch.library.triton_op`` +
 ``wrap_triton`` (so ``torch.compile(fullgraph=True)`` sees the kernels),
@@ -8,8 +8,12 @@ Importing this package registers, through ``torch.library.triton_op`` +
 - ``mmkernels::triton_similarity_fwd`` / ``triton_similarity_bwd``:
   normalized_similarity (mmkernels/ops/similarity.py), kernels in
   :mod:`mmkernels.triton.similarity`;
+- ``mmkernels::triton_siglip_fwd`` / ``triton_siglip_bwd``: SigLIP's sigmoid
+  loss (mmkernels/ops/siglip.py), kernels in :mod:`mmkernels.triton.siglip`
+  (same forward grid and blocked backward as the primitive, softplus and
+  sigmoid in place of the exponentials: the same 8*N*M*D-FLOP floor);
 
-both sharing the products of :mod:`mmkernels.triton.matmul` and the launch
+all sharing the products of :mod:`mmkernels.triton.matmul` and the launch
 configuration of :mod:`mmkernels.triton._launch`. The kernels run on CUDA
 tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests them).
 
@@ -40,13 +44,17 @@ choice: the docstrings of the modules named above.
 """
 
 from mmkernels.ops import logsumexp as _logsumexp_op
+from mmkernels.ops import siglip as _siglip_op
 from mmkernels.ops import similarity as _similarity_op
 from mmkernels.triton.logsumexp import triton_lse_bwd, triton_lse_fwd
+from mmkernels.triton.siglip import triton_siglip_bwd, triton_siglip_fwd
 from mmkernels.triton.similarity import triton_similarity_bwd, triton_similarity_fwd
 
 # triton_op derives its own fake (meta) kernels from the Python launchers.
 _logsumexp_op.register_kernels("triton", triton_lse_fwd, triton_lse_bwd, register_fake=False)
 _similarity_op.register_kernels("triton", triton_similarity_fwd, triton_similarity_bwd,
                                 register_fake=False)
+_siglip_op.register_kernels("triton", triton_siglip_fwd, triton_siglip_bwd, register_fake=False)
 
-__all__ = ["triton_lse_fwd", "triton_lse_bwd", "triton_similarity_fwd", "triton_similarity_bwd"]
+__all__ = ["triton_lse_fwd", "triton_lse_bwd", "triton_similarity_fwd", "triton_similarity_bwd",
+           "triton_siglip_fwd", "triton_siglip_bwd"]
