@@ -71,6 +71,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from mmkernels import _checks, backends
 from mmkernels.ops import _common
@@ -188,17 +189,17 @@ def _agree(group, image_features, text_features, logit_scale, *, strategy, norma
     table = [dict(zip(_FIELDS, row)) for row in torch.stack(gathered).cpu().tolist()]
     if error is not None:
         raise error
-    _check_agreement(table, rank)
+    _check_agreement(table)
     sizes = tuple(int(row["rows"]) for row in table)
     return _World(group, rank, size, sizes), scale, name
 
 
-def _check_agreement(table: list, rank: int) -> None:
+def _check_agreement(table: list) -> None:
     """Raise (identically on every rank) when the ranks' facts are inconsistent."""
     bad = [q for q, row in enumerate(table) if not row["ok"]]
     if bad:
-        raise ValueError(f"mmkernels.distributed: the inputs of rank(s) {bad} are invalid (that "
-                         f"rank raised the reason); rank {rank} stops too")
+        raise ValueError(f"mmkernels.distributed: the inputs of rank(s) {bad} are invalid (the "
+                         "error raised there says why); every rank of the group stops")
 
     def per_rank(field, show=lambda v: v):
         return ", ".join(f"rank {q}: {show(row[field])}" for q, row in enumerate(table))
@@ -411,6 +412,7 @@ class _RingLogSumExp(torch.autograd.Function):
         return row_lse, col_lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_row, g_col):
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
         g_row = torch.zeros_like(row_lse) if g_row is None else g_row.contiguous()

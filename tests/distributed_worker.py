@@ -59,6 +59,8 @@ def cases(world: int, backend_names: list[str]) -> list[str]:
                   f"loss-{backend}-ring-uneven-scale100", f"loss-{backend}-ring-uneven-noncontiguous",
                   f"loss-{backend}-ring-uneven-nograd"]
     names += ["loss-naive-gather-uneven-normalize_smoothing", "loss-ring-twice-same-graph"]
+    if world >= 3:
+        names.append("loss-subgroup-without-rank-0")
     for local_loss in (False, True):
         for gather_with_grad in (False, True):
             for layout in ("even", "uneven"):
@@ -220,6 +222,23 @@ def twice_case(name, world, rank, mmdist):
     r2 = reference_global(a, b, 3.0, sizes, rank, normalize=True)
     want = tuple(x + y for x, y in zip(r1, r2))
     check((loss.detach(), la.grad, lb.grad, s.grad), want, torch.float32, name)
+
+
+def subgroup_case(name, world, rank, mmdist):
+    """A group of ranks 1 .. W-1: group ranks differ from global ranks."""
+    members = list(range(1, world))
+    group = dist.new_group(members)  # collective over the default group: rank 0 too
+    if rank == 0:
+        return
+    sizes = layouts(len(members))["uneven"]
+    a, b = global_batch(sizes)
+    mine = members.index(rank)
+    for strategy in ("ring", "gather"):
+        got = run_ours(lambda x, y, s: mmdist.contrastive_loss(
+            x, y, s, group=group, strategy=strategy, normalize=True),
+            shard(a, sizes, mine), shard(b, sizes, mine), torch.tensor(14.3))
+        want = reference_global(a, b, 14.3, sizes, mine, normalize=True)
+        check(got, want, torch.float32, f"{name} {strategy}")
 
 
 def open_clip_loss_module():
@@ -397,6 +416,8 @@ def run_case(name, world, rank, backends_list, mmkernels, mmdist, open_clip_loss
         return naive_case(name, world, rank, mmdist)
     if name == "loss-ring-twice-same-graph":
         return twice_case(name, world, rank, mmdist)
+    if name == "loss-subgroup-without-rank-0":
+        return subgroup_case(name, world, rank, mmdist)
     if name.startswith("loss-"):
         return loss_case(name, world, rank, mmdist)
     if name == "cliploss-output_dict-logit_bias":
