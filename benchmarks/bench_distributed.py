@@ -23,6 +23,14 @@ largest over ranks. Implementations:
 the ring's memory per rank stays flat, the gather's grows with N.
 The open_clip implementations are skipped where their logits alone would pass
 ``--max-logits-gib`` per rank (the machine is shared).
+
+Allocator: by default the ranks run with glibc's mmap threshold fixed at its
+initial 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so that every large tensor is
+its own mapping, returned on free, and the peak RSS tracks the live tensors.
+With glibc's default dynamic threshold (``--glibc-default``), freed buffers of
+a few MiB stay in the heap and the peak also counts what the allocator kept:
+for the ring it grows with W (more steps, more freed buffers kept) although
+the live tensors do not. Both settings apply to every implementation alike.
 """
 
 from __future__ import annotations
@@ -118,9 +126,21 @@ def child_main(argv: list[str]) -> None:
 
 # --- parent: one group per measurement, the table ---------------------------------
 
-def measure(impl: str, n: int, d: int, world: int, reps: int, timeout: float = 3600) -> dict:
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, fixed
+
+
+def allocator_label(glibc_default: bool) -> str:
+    return "glibc default" if glibc_default else f"glibc, mmap threshold fixed at {MMAP_THRESHOLD}"
+
+
+def measure(impl: str, n: int, d: int, world: int, reps: int, glibc_default: bool = False,
+            timeout: float = 3600) -> dict:
     """Run ``world`` ranks of ``impl`` at global batch ``n``; the largest figures over ranks."""
     env = dict(os.environ)
+    if glibc_default:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    else:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.ROOT), env.get("PYTHONPATH")]))
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -163,13 +183,13 @@ def measure(impl: str, n: int, d: int, world: int, reps: int, timeout: float = 3
 
 
 def run(points: list[tuple[int, int]], d: int, impls: list[str], reps: int, max_logits_gib: float,
-        save: bool, sweep: str) -> list[dict]:
+        save: bool, sweep: str, glibc_default: bool = False) -> list[dict]:
     """Measure every implementation at every (world, global N) point."""
     env = common.environment()
     header = (f"{'impl':<16}{'W':>3}{'global N':>10}{'local N':>9}{'D':>5}  {'step ms':>10}"
               f"{'[q20, q80]':>22}{'extra MiB/rank':>16}{'peak RSS MiB':>14}")
     print(f"distributed contrastive loss fwd+bwd ({sweep}), fp32, gloo on CPU, {env['device']}, "
-          f"torch {env['torch']}")
+          f"torch {env['torch']}, allocator: {allocator_label(glibc_default)}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -177,14 +197,14 @@ def run(points: list[tuple[int, int]], d: int, impls: list[str], reps: int, max_
         for impl in impls:
             base = {**env, "op": "distributed_contrastive_loss", "sweep": sweep, "impl": impl,
                     "world": world, "n": n, "local_n": n // world, "d": d, "dtype": "float32",
-                    "backend": "gloo"}
+                    "backend": "gloo", "allocator": allocator_label(glibc_default)}
             need = logits_gib(impl, n, world)
             if need > max_logits_gib:
                 print(f"{impl:<16}{world:>3}{n:>10}{n // world:>9}{d:>5}  skipped: its logits alone "
                       f"take {need:.1f} GiB per rank", flush=True)
                 rows.append({**base, "error": f"skipped: logits {need:.1f} GiB per rank"})
                 continue
-            result = measure(impl, n, d, world, reps)
+            result = measure(impl, n, d, world, reps, glibc_default)
             if "error" in result:
                 print(f"{impl:<16}{world:>3}{n:>10}{n // world:>9}{d:>5}  error: {result['error']}",
                       flush=True)
@@ -220,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--max-logits-gib", type=float, default=0.3,
                         help="skip implementations whose logits pass this per rank")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="keep glibc's dynamic mmap threshold (see the allocator note above)")
     parser.add_argument("--quick", action="store_true", help="one small size, for a smoke test")
     parser.add_argument("--no-save", action="store_true", help="print only, append no rows")
     args = parser.parse_args(argv)
@@ -233,10 +255,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"open_clip is not installed: skipping {missing}")
         args.impl = [i for i in args.impl if not i.startswith("open_clip")]
     run([(args.world, n) for n in ns], d, args.impl, args.reps, args.max_logits_gib,
-        not args.no_save, "strong: global N grows, W fixed")
+        not args.no_save, "strong: global N grows, W fixed", args.glibc_default)
     if args.weak:
         run([(w, w * args.weak) for w in range(2, args.world + 1)], d, args.impl, args.reps,
-            args.max_logits_gib, not args.no_save, f"weak: {args.weak} pairs per rank")
+            args.max_logits_gib, not args.no_save, f"weak: {args.weak} pairs per rank",
+            args.glibc_default)
 
 
 if __name__ == "__main__":

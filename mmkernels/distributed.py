@@ -8,10 +8,12 @@ loss is the symmetric CLIP loss of that batch (mmkernels/ops/contrastive.py)::
     S = scale * Ah @ Bh.T                                  (N, N), never formed
     L = 1/N * sum_i [ (row_lse_i + col_lse_i) / 2 - positive and smoothing terms ]
 
-Every term of pair i needs only the rows of rank r that hold pair i, plus the
-row logsumexp of image i over all texts and the column logsumexp of text i
-over all images. Those two statistics of the local rows are all that the
-distributed part computes; the rest is O(n_r * D) autograd, as on one process.
+The terms of pair i need pair i's own features (held by one rank), the row
+logsumexp of image i over all texts and the column logsumexp of text i over
+all images, and, for label smoothing, the sums of all image and all text
+features (two D-vectors, all-reduced). The two statistics of the local rows
+are all that the strategies below compute; the rest is O(n_r * D) autograd,
+as on one process.
 
 Strategies
 ----------
@@ -323,16 +325,30 @@ class _AllGather(torch.autograd.Function):
 
 # --- ring strategy -------------------------------------------------------------
 
+class _Slots:
+    """Receive buffers reused by every step of a ring, taken in turn: with two, one
+    is computed on while the other fills. A ring allocates a fixed number of
+    them, whatever W (and keeps the allocator from growing with W)."""
+
+    def __init__(self, count: int, numel: int, like: Tensor, dtype: torch.dtype | None = None):
+        self._flat = [like.new_empty(numel, dtype=dtype or like.dtype) for _ in range(count)]
+
+    def take(self, step: int, *shape: int) -> Tensor:
+        numel = shape[0] * shape[1]
+        return self._flat[step % len(self._flat)][:numel].view(*shape)
+
+
 def _ring_forward(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, world: _World, fwd):
     """(row_lse, col_lse) of this rank's rows against the global batch, by the ring."""
     d = a.shape[1]
     block = b.contiguous()  # the visiting text block (this rank's own at step 0); sent as is
+    blocks = _Slots(2, max(world.sizes) * d, b)
     row_lse = col_done = None
     for step in range(world.size):
         v = world.visiting(step)
         ops, incoming, col_in = [], None, None
         if step < world.size - 1:  # send this block on, receive the next
-            incoming = b.new_empty(world.sizes[world.visiting(step + 1)], d)
+            incoming = blocks.take(step, world.sizes[world.visiting(step + 1)], d)
             world.p2p(block, incoming, ops)
         if step > 0:  # the previous block's column statistics follow it, one step behind
             col_in = a.new_empty(world.sizes[v], dtype=_checks.compute_dtype(a.dtype))
@@ -356,20 +372,22 @@ def _ring_forward(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, world: _
 def _ring_backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, world: _World, bwd,
                    needs_input_grad):
     """Gradients of (a, b, scale's share) by the ring: pb stays home, pa travels."""
-    d = a.shape[1]
+    d, largest = a.shape[1], max(world.sizes)
     # What travels: the block, its col_lse and g_col, and (one step behind) its pa accumulator.
     block, stats = b.contiguous(), torch.stack([col_lse, g_col])
+    blocks, block_stats = _Slots(2, largest * d, b), _Slots(2, 2 * largest, stats)
+    accumulators = _Slots(1, largest * d, row_lse)  # emptied (added to pa_k) within its step
     pb = acc = None
     for step in range(world.size):
         v = world.visiting(step)
         ops, incoming, incoming_stats, acc_in = [], None, None, None
         if step < world.size - 1:
             rows = world.sizes[world.visiting(step + 1)]
-            incoming, incoming_stats = b.new_empty(rows, d), stats.new_empty(2, rows)
+            incoming, incoming_stats = blocks.take(step, rows, d), block_stats.take(step, 2, rows)
             world.p2p(block, incoming, ops)
             world.p2p(stats, incoming_stats, ops)
         if step > 0:  # the previous block's accumulator follows it, one step behind
-            acc_in = row_lse.new_empty(world.sizes[v], d)
+            acc_in = accumulators.take(step, world.sizes[v], d)
             world.p2p(acc, acc_in, ops)
         works = _start(ops)
         pb_k, pa_k = bwd(a, block, scale, normalize, row_lse, stats[0], g_row, stats[1])

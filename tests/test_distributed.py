@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,16 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 @functools.lru_cache(maxsize=None)
 def run_world(world: int) -> dict:
-    """Run the worker group of ``world`` processes once; returns case -> failures per rank."""
+    """Rank -> report (case -> failure or None) of the worker group of ``world``
+    processes, run once; a group that failed as a whole fails every test of that
+    world with the same message, without running again."""
+    try:
+        return _run_world(world)
+    except AssertionError as failure:
+        return {"failed": str(failure)}
+
+
+def _run_world(world: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if sys.platform.startswith("linux"):
@@ -54,12 +64,17 @@ def run_world(world: int) -> dict:
                                    str(store.port), out, ",".join(TILED)],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for rank in range(world)]
+        deadline = time.monotonic() + WORLD_TIMEOUT
         outputs, timed_out = [], False
         try:
             for proc in procs:
-                outputs.append(proc.communicate(timeout=WORLD_TIMEOUT)[0])
-        except subprocess.TimeoutExpired:
-            timed_out = True
+                try:
+                    left = 0.1 if timed_out else max(0.1, deadline - time.monotonic())
+                    outputs.append(proc.communicate(timeout=left)[0])
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    proc.kill()
+                    outputs.append(proc.communicate()[0])
         finally:
             for proc in procs:
                 if proc.poll() is None:
@@ -90,6 +105,7 @@ def params():
 @pytest.mark.parametrize("world,case", params())
 def test_distributed(world, case):
     reports = run_world(world)
+    assert "failed" not in reports, reports.get("failed")
     failures = {rank: report[case] for rank, report in reports.items() if report.get(case)}
     assert not failures, "\n".join(f"rank {rank}:\n{text}" for rank, text in failures.items())
 
@@ -97,7 +113,9 @@ def test_distributed(world, case):
 def test_open_clip_was_compared_when_installed():
     """The ClipLoss cases compare against open_clip whenever it is importable here."""
     pytest.importorskip("open_clip")
-    assert all(report["_open_clip"] for report in run_world(2).values())
+    reports = run_world(2)
+    assert "failed" not in reports, reports.get("failed")
+    assert all(report["_open_clip"] for report in reports.values())
 
 
 # --- single-process behaviour ------------------------------------------------------
