@@ -129,6 +129,15 @@ def test_needs_an_initialized_process_group():
         distributed.contrastive_loss(torch.randn(3, 4), torch.randn(3, 4))
 
 
+def test_distributed_cliploss_needs_an_initialized_process_group():
+    import mmkernels
+
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        mmkernels.ClipLoss(rank=1, world_size=2)(torch.randn(3, 4), torch.randn(3, 4), 2.0)
+
+
 def test_world_of_one_is_the_single_process_loss(tmp_path):
     """A group of one process: the plain loss, and its gradients, unchanged."""
     import mmkernels
