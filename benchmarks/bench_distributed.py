@@ -24,13 +24,15 @@ the ring's memory per rank stays flat, the gather's grows with N.
 The open_clip implementations are skipped where their logits alone would pass
 ``--max-logits-gib`` per rank (the machine is shared).
 
-Allocator: by default the ranks run with glibc's mmap threshold fixed at its
-initial 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so that every large tensor is
-its own mapping, returned on free, and the peak RSS tracks the live tensors.
-With glibc's default dynamic threshold (``--glibc-default``), freed buffers of
-a few MiB stay in the heap and the peak also counts what the allocator kept:
-for the ring it grows with W (more steps, more freed buffers kept) although
-the live tensors do not. Both settings apply to every implementation alike.
+Time and memory are measured in separate groups of fresh processes. The timed
+steps run with glibc's default allocator. The memory step runs with glibc's
+mmap threshold fixed at its initial 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so
+that every large tensor is its own mapping, returned on free, and the peak
+RSS tracks the live tensors. With glibc's dynamic threshold
+(``--glibc-default``), freed buffers of a few MiB stay in the heap and the
+peak also counts what the allocator kept: for the ring it grows with W (more
+steps, more freed buffers kept) although the live tensors do not. Every
+implementation is measured the same way.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from benchmarks import common
 
 MODULE = "benchmarks.bench_distributed"
 IMPLEMENTATIONS = ("ring", "gather", "open_clip", "open_clip_local")
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, fixed for the memory step
 
 
 def logits_gib(impl: str, n: int, world: int) -> float:
@@ -85,7 +88,10 @@ def _open_clip_loss_module():
 
 
 def child_main(argv: list[str]) -> None:
-    impl, n, d, world, rank, port, reps = argv[0], *map(int, argv[1:7])
+    """One rank: ``mode`` "time" (warm-up at size, then ``reps`` timed steps) or
+    "memory" (the peak RSS that one step adds, after a small warm-up)."""
+    mode, impl = argv[0], argv[1]
+    n, d, world, rank, port, reps = map(int, argv[2:8])
     threads = max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
     store = torch.distributed.TCPStore("127.0.0.1", port, world, is_master=False,
@@ -93,7 +99,6 @@ def child_main(argv: list[str]) -> None:
     torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=1800))
     loss_fn = _loss_fn(impl, rank, world)
-    local = n // world
     scale = torch.tensor(14.3, requires_grad=True)
 
     def step(a, b):
@@ -106,47 +111,50 @@ def child_main(argv: list[str]) -> None:
         return x.requires_grad_()
 
     step(features(64, 1), features(64, 2))  # warm up: lazy imports, the group's connections
-    a, b = features(local, 3 * rank), features(local, 3 * rank + 1)
-    torch.distributed.barrier()
-    base = common.rss_mib()
-    common.reset_peak_rss()
-    step(a, b)
-    peak = common.rss_mib("VmHWM")
-    grads_mib = 2 * a.numel() * a.element_size() / 2**20
-    samples = []
-    for _ in range(reps):
+    a, b = features(n // world, 3 * rank), features(n // world, 3 * rank + 1)
+    result = {"rank": rank, "threads": threads}
+    if mode == "time":
+        step(a, b)  # warm up at this size
+        samples = []
+        for _ in range(reps):
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+            step(a, b)
+            samples.append(time.perf_counter() - t0)
+        result.update(common.quantiles(samples))
+    else:
         torch.distributed.barrier()
-        t0 = time.perf_counter()
+        base = common.rss_mib()
+        common.reset_peak_rss()
         step(a, b)
-        samples.append(time.perf_counter() - t0)
-    print(json.dumps({"rank": rank, "threads": threads, "extra_peak_mib": peak - base - grads_mib,
-                      "peak_rss_mib": peak, "inputs_mib": grads_mib, **common.quantiles(samples)}))
+        peak = common.rss_mib("VmHWM")
+        inputs_mib = 2 * a.numel() * a.element_size() / 2**20  # a and b; their grads as much
+        result.update(extra_peak_mib=peak - base - inputs_mib, peak_rss_mib=peak,
+                      inputs_mib=inputs_mib)
+    print(json.dumps(result))
     torch.distributed.destroy_process_group()
 
 
-# --- parent: one group per measurement, the table ---------------------------------
-
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, fixed
-
+# --- parent: groups of ranks, the table ----------------------------------------------
 
 def allocator_label(glibc_default: bool) -> str:
+    """How the memory step's allocator was set (the timed steps: glibc's default)."""
     return "glibc default" if glibc_default else f"glibc, mmap threshold fixed at {MMAP_THRESHOLD}"
 
 
-def measure(impl: str, n: int, d: int, world: int, reps: int, glibc_default: bool = False,
-            timeout: float = 3600) -> dict:
-    """Run ``world`` ranks of ``impl`` at global batch ``n``; the largest figures over ranks."""
+def run_group(mode: str, impl: str, n: int, d: int, world: int, reps: int,
+              glibc_default: bool = False, timeout: float = 3600) -> list[dict] | str:
+    """Start ``world`` ranks in ``mode``; their results, or why there are none."""
     env = dict(os.environ)
-    if glibc_default:
-        env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    else:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.ROOT), env.get("PYTHONPATH")]))
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if mode == "memory" and not glibc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)  # see the allocator note above
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store = torch.distributed.TCPStore("127.0.0.1", 0, world, is_master=True,
                                        wait_for_workers=False)
-    procs = [subprocess.Popen([sys.executable, "-m", MODULE, "--child", impl, str(n), str(d),
+    procs = [subprocess.Popen([sys.executable, "-m", MODULE, "--child", mode, impl, str(n), str(d),
                                str(world), str(rank), str(store.port), str(reps)],
                               cwd=common.ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -156,7 +164,7 @@ def measure(impl: str, n: int, d: int, world: int, reps: int, glibc_default: boo
         for proc in procs:
             outs.append(proc.communicate(timeout=timeout))
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
+        return f"timed out after {timeout:.0f} s"
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -168,17 +176,28 @@ def measure(impl: str, n: int, d: int, world: int, reps: int, glibc_default: boo
         # threads at interpreter teardown) still measured them.
         lines = [line for line in out.strip().splitlines() if line.startswith("{")]
         if not lines:
-            return {"error": f"exit {proc.returncode}: "
-                             f"{(err.strip().splitlines() or ['no output'])[-1]}"}
+            return f"exit {proc.returncode}: {(err.strip().splitlines() or ['no output'])[-1]}"
         ranks.append(json.loads(lines[-1]))
+    return ranks
+
+
+def measure(impl: str, n: int, d: int, world: int, reps: int, glibc_default: bool = False) -> dict:
+    """Time, then memory, of ``impl`` on ``world`` ranks at global batch ``n``, each
+    in its own group of fresh processes; the largest figures over ranks."""
+    timed = run_group("time", impl, n, d, world, reps)
+    if isinstance(timed, str):
+        return {"error": timed}
+    memory = run_group("memory", impl, n, d, world, reps, glibc_default)
+    if isinstance(memory, str):
+        return {"error": memory}
     return {
-        "extra_peak_mib": max(r["extra_peak_mib"] for r in ranks),
-        "peak_rss_mib": max(r["peak_rss_mib"] for r in ranks),
-        "inputs_mib": ranks[0]["inputs_mib"],
-        "median_s": max(r["median_s"] for r in ranks),
-        "q20_s": max(r["q20_s"] for r in ranks),
-        "q80_s": max(r["q80_s"] for r in ranks),
-        "threads_per_rank": ranks[0]["threads"],
+        "extra_peak_mib": max(r["extra_peak_mib"] for r in memory),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in memory),
+        "inputs_mib": memory[0]["inputs_mib"],
+        "median_s": max(r["median_s"] for r in timed),
+        "q20_s": max(r["q20_s"] for r in timed),
+        "q80_s": max(r["q80_s"] for r in timed),
+        "threads_per_rank": timed[0]["threads"],
     }
 
 
@@ -189,7 +208,7 @@ def run(points: list[tuple[int, int]], d: int, impls: list[str], reps: int, max_
     header = (f"{'impl':<16}{'W':>3}{'global N':>10}{'local N':>9}{'D':>5}  {'step ms':>10}"
               f"{'[q20, q80]':>22}{'extra MiB/rank':>16}{'peak RSS MiB':>14}")
     print(f"distributed contrastive loss fwd+bwd ({sweep}), fp32, gloo on CPU, {env['device']}, "
-          f"torch {env['torch']}, allocator: {allocator_label(glibc_default)}")
+          f"torch {env['torch']}, memory step's allocator: {allocator_label(glibc_default)}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -197,7 +216,7 @@ def run(points: list[tuple[int, int]], d: int, impls: list[str], reps: int, max_
         for impl in impls:
             base = {**env, "op": "distributed_contrastive_loss", "sweep": sweep, "impl": impl,
                     "world": world, "n": n, "local_n": n // world, "d": d, "dtype": "float32",
-                    "backend": "gloo", "allocator": allocator_label(glibc_default)}
+                    "backend": "gloo", "memory_allocator": allocator_label(glibc_default)}
             need = logits_gib(impl, n, world)
             if need > max_logits_gib:
                 print(f"{impl:<16}{world:>3}{n:>10}{n // world:>9}{d:>5}  skipped: its logits alone "
