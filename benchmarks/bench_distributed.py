@@ -69,8 +69,8 @@ def _loss_fn(impl: str, rank: int, world: int):
         from mmkernels import distributed
 
         return lambda a, b, s: distributed.contrastive_loss(a, b, s, strategy=impl)
-    loss = _open_clip_loss_module().ClipLoss(local_loss=impl == "open_clip_local", gather_with_grad=True, rank=rank,
-                    world_size=world)
+    loss = _open_clip_loss_module().ClipLoss(local_loss=impl == "open_clip_local",
+                                             gather_with_grad=True, rank=rank, world_size=world)
     return lambda a, b, s: loss(a, b, s)
 
 

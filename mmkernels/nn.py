@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from mmkernels import distributed
 from mmkernels.ops.contrastive import contrastive_loss
 
 
@@ -52,7 +51,8 @@ class ClipLoss(nn.Module):
         if self.world_size > 1:
             loss = self._distributed_loss(image_features, text_features, logit_scale)
         else:
-            loss = contrastive_loss(image_features, text_features, logit_scale, backend=self.backend)
+            loss = contrastive_loss(image_features, text_features, logit_scale,
+                                    backend=self.backend)
         if isinstance(logit_bias, Tensor) and logit_bias.requires_grad:
             # A bias added to every logit cancels in each softmax: its gradient
             # is exactly zero, as in open_clip, and it stays in the graph.
@@ -60,6 +60,8 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _distributed_loss(self, image_features, text_features, logit_scale):
+        from mmkernels import distributed  # imported by mmkernels/__init__.py: no cost here
+
         return distributed.clip_loss(image_features, text_features, logit_scale,
                                      local_loss=self.local_loss,
                                      gather_with_grad=self.gather_with_grad,

@@ -411,7 +411,7 @@ def memory_case(name, world, rank, mmdist):
     assert peaks["ring"] < 48, f"ring fwd+bwd added {peaks['ring']:.0f} MiB (logits: {local_logits:.0f})"
 
 
-def run_case(name, world, rank, backends_list, mmkernels, mmdist, open_clip_loss):
+def run_case(name, world, rank, mmkernels, mmdist, open_clip_loss):
     if name.startswith("loss-naive"):
         return naive_case(name, world, rank, mmdist)
     if name == "loss-ring-twice-same-graph":
@@ -437,7 +437,7 @@ def run_case(name, world, rank, backends_list, mmkernels, mmdist, open_clip_loss
 
 def main():
     world, rank, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    backend_names = sys.argv[5].split(",")
+    backend_names = [name for name in sys.argv[5].split(",") if name]
     torch.set_num_threads(1)  # W processes share the machine's cores
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
                           timeout=datetime.timedelta(seconds=60))
@@ -457,7 +457,7 @@ def main():
         torch.manual_seed(0)
         start = time.perf_counter()
         try:
-            run_case(name, world, rank, backend_names, mmkernels, mmdist, open_clip_loss)
+            run_case(name, world, rank, mmkernels, mmdist, open_clip_loss)
             results[name] = None
         except Exception:  # recorded; the parent's test for this case fails with it
             results[name] = traceback.format_exc(limit=6)
