@@ -46,6 +46,15 @@ class ClipLoss(nn.Module):
         self.use_horovod = use_horovod
         self.backend = backend
 
+    def _distributed_loss(self, image_features, text_features, logit_scale):
+        from mmkernels import distributed  # imported by mmkernels/__init__.py: no cost here
+
+        return distributed.clip_loss(image_features, text_features, logit_scale,
+                                     local_loss=self.local_loss,
+                                     gather_with_grad=self.gather_with_grad,
+                                     strategy=self.strategy, backend=self.backend,
+                                     claimed=(self.rank, self.world_size))
+
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
         if self.world_size > 1:
@@ -58,12 +67,3 @@ class ClipLoss(nn.Module):
             # is exactly zero, as in open_clip, and it stays in the graph.
             loss = loss + 0.0 * logit_bias.sum()
         return {"contrastive_loss": loss} if output_dict else loss
-
-    def _distributed_loss(self, image_features, text_features, logit_scale):
-        from mmkernels import distributed  # imported by mmkernels/__init__.py: no cost here
-
-        return distributed.clip_loss(image_features, text_features, logit_scale,
-                                     local_loss=self.local_loss,
-                                     gather_with_grad=self.gather_with_grad,
-                                     strategy=self.strategy, backend=self.backend,
-                                     claimed=(self.rank, self.world_size))
