@@ -14,7 +14,7 @@ The public API (names and semantics fixed by the project's API contract):
 
 __version__ = "0.1.0"
 
-from mmkernels import backends
+from mmkernels import backends, distributed  # noqa: F401  (mmkernels.distributed)
 from mmkernels.backends import available_backends
 from mmkernels.nn import ClipLoss, SigLipLoss
 from mmkernels.ops import contrastive_loss, info_nce, normalized_similarity, similarity_logsumexp
