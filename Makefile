@@ -23,7 +23,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks
 
 bench-quick: $(STAMP)
-	$(PY) -m benchmarks --quick --no-save
+	$(PY) -m benchmarks --quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

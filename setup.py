@@ -172,8 +172,10 @@ def build_ext_class():
 
 
 EXTRAS = {
-    "test": ["pytest>=7", "pytest-timeout", "open_clip_torch>=2.20"],
+    "test": ["pytest>=7", "pytest-timeout", "open_clip_torch>=2.20", "transformers>=4.40"],
     "bench": ["matplotlib", "tqdm"],
+    # peers the benchmarks compare against, when installed (Triton kernels: CUDA only)
+    "peers": ["memeff", "inf_cl"],
     "train": ["pillow", "tqdm", "matplotlib"],
 }
 
@@ -190,4 +192,5 @@ setup(
     extras_require=EXTRAS,
     ext_modules=extension_modules(),
     cmdclass={"build_ext": build_ext_class()},
+    entry_points={"console_scripts": ["mmkernels-train=mmkernels.train:main"]},
 )

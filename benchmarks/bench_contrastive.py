@@ -1,166 +1,92 @@
-"""Benchmark of contrastive_loss: time, TFLOP/s and peak memory per implementation.
+"""Benchmark of the symmetric CLIP loss (mmkernels.contrastive_loss) against baselines and peers.
 
-    python -m benchmarks.bench_contrastive [--n 4096 8192 16384] [--d 512] [--dtype float32]
-                                           [--impl naive torch ...] [--quick]
+    python -m benchmarks.bench_contrastive [--n 4096 8192] [--d 512] [--dtype float32]
+                                           [--impl naive torch ...] [--device cpu] [--quick]
 
-Each (implementation, N) runs in a fresh subprocess, so its peak memory is its
-own (CPU: peak RSS beyond the inputs and their gradients; GPU:
-max_memory_allocated beyond them). Beside the implementations, the same run
-measures the matrix-multiply floor: one N x N x D torch.mm, times four (the
-GEMM-equivalents of forward + backward, benchmarks.common.contrastive_flops).
+Forward + backward of the loss of L2-normalized features (normalize=True,
+logit scale 1/0.07, gradients of both feature matrices and of the scale),
+side by side in one run: naive (S materialized, open_clip's algorithm),
+torch.compile(naive), every mmkernels backend available on the device, and
+the peers that are installed (open_clip's ClipLoss; memeff and Inf-CL on
+CUDA). See benchmarks/implementations.py for what each one runs, and
+benchmarks/harness.py for how time and memory are measured. Each row also
+reports ``rel_err``: the loss value's relative distance to mmkernels' torch
+backend in fp32 on the same inputs (a peer that computed something else
+would show it).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
 import torch
 
-from benchmarks import common
+from benchmarks import harness, implementations
+from benchmarks.harness import Case, SuiteOptions, Workload
 
 MODULE = "benchmarks.bench_contrastive"
-FLOOR = "matmul floor"
+OP = "contrastive"
+SCALE = 1.0 / 0.07  # CLIP's initial logit scale
+
+# The entry point (python -m benchmarks) runs suites in SUITE_ORDER and gives
+# each a share of a time budget proportional to SUITE_WEIGHT.
+SUITE_ORDER = 10
+SUITE_WEIGHT = 4.0
 
 
-def implementations(device: str) -> list[str]:
-    """Every mmkernels backend that runs on ``device`` (naive is the baseline)."""
+def default_cases(device: str, quick: bool) -> list[Case]:
+    """The sizes of the default suite: CPU minutes on 2 cores; GPU issue 3's grid."""
+    if quick:
+        return [Case(n, n, 64, "float32") for n in (1024, 2048)]
+    if device == "cuda":
+        # Most telling first (bf16, D = 768, growing N): a time budget cuts the tail.
+        return [Case(n, n, d, dtype) for dtype in ("bfloat16", "float32") for d in (768, 512, 1024)
+                for n in (8192, 32768, 65536)]
+    return [Case(n, n, 512, "float32") for n in (2048, 4096, 8192)]
+
+
+# --- child: one implementation, one case ----------------------------------------
+
+def prepare(impl: str, case: Case, device: str) -> Workload:
     import mmkernels
 
-    names = [n for n in mmkernels.available_backends(device) if not (n == "triton" and device == "cpu")]
-    return ["naive"] + [n for n in names if n != "naive"]
-
-
-# --- child: one measurement in its own process ---------------------------------
-
-def _measure(impl: str, n: int, d: int, dtype: torch.dtype, device: str, reps: int) -> dict:
-    import mmkernels
-
+    dtype = getattr(torch, case.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, d, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, d, device=device, dtype=dtype, generator=gen)
-    cuda = device == "cuda"
-    timer = common.time_cuda if cuda else (lambda f: common.time_cpu(f, reps=reps))
+    a = torch.randn(case.n, case.d, device=device, dtype=dtype, generator=gen).requires_grad_()
+    b = torch.randn(case.m, case.d, device=device, dtype=dtype, generator=gen).requires_grad_()
+    scale = torch.tensor(SCALE, device=device, requires_grad=True)
+    loss_fn = implementations.contrastive_fn(impl, SCALE)
 
-    if impl == FLOOR:
-        out = torch.empty(n, n, device=device, dtype=dtype)
-        stats = timer(lambda: torch.mm(a, b.T, out=out))
-        return {"gemm": stats}
-
-    a.requires_grad_(True)
-    b.requires_grad_(True)
-    scale = torch.tensor(10.0, device=device, requires_grad=True)
-
-    def forward():
-        return mmkernels.contrastive_loss(a, b, scale, normalize=True, backend=impl)
-
-    def step():
+    def zero_grad():
         a.grad = b.grad = scale.grad = None
-        forward().backward()
 
-    step()  # warm-up, and the peak-memory run
-    grads_bytes = 2 * a.numel() * a.element_size()
-    a.grad = b.grad = scale.grad = None
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base - grads_bytes) / 2**20
-    else:
-        base = common.rss_mib()
-        common.reset_peak_rss()
-        step()
-        extra = common.rss_mib("VmHWM") - base - grads_bytes / 2**20
+    def error(loss):
+        with torch.no_grad():
+            ref = mmkernels.contrastive_loss(a.float(), b.float(), scale, normalize=True, backend="torch")
+        return (abs(float(loss) - float(ref)) / abs(float(ref)))
 
-    fwd = timer(lambda: forward())
-    loss = forward()
-    bwd = timer(lambda: loss.backward(retain_graph=True))
-    total = timer(step)
-    return {"fwd": fwd, "bwd": bwd, "total": total, "extra_peak_mib": extra}
+    feature_bytes = (a.numel() + b.numel()) * a.element_size()
+    return Workload(forward=lambda: loss_fn(a, b, scale), backward=lambda loss: loss.backward(),
+                    zero_grad=zero_grad, inputs_bytes=feature_bytes, grads_bytes=feature_bytes,
+                    error=error,
+                    note="no logit-scale gradient (fixed temperature)" if impl == "memeff" else "")
 
 
-def child_main(argv: list[str]) -> None:
-    impl, n, d, dtype, device, reps = argv[0], int(argv[1]), int(argv[2]), argv[3], argv[4], int(argv[5])
-    print(json.dumps(_measure(impl, n, d, getattr(torch, dtype), device, reps)))
+# --- parent ------------------------------------------------------------------------
+
+def run(cases: list[Case], options: SuiteOptions) -> list[dict]:
+    impls, notes = implementations.contrastive_impls(options.device, options.impls)
+    return harness.run_op_suite(
+        module=MODULE, op=OP, cases=cases, impls=impls, notes=notes, options=options,
+        title="contrastive_loss forward + backward (normalize=True)",
+        kind=implementations.kind, version=implementations.version)
 
 
-# --- parent: the table ------------------------------------------------------------
-
-def run(ns: list[int], d: int, dtype: str, device: str, impls: list[str] | None, reps: int,
-        save: bool = True) -> list[dict]:
-    env = common.environment()
-    impls = impls or implementations(device)
-    rows: list[dict] = []
-    header = (f"{'impl':<14}{'N':>7}{'D':>6}  {'fwd ms':>9}{'bwd ms':>10}{'total ms':>10}"
-              f"{'[q20, q80]':>20}{'TFLOP/s':>9}{'% mm':>7}{'x floor':>8}{'vs naive':>9}{'extra MiB':>10}")
-    print(f"contrastive_loss fwd+bwd, normalize=True, {dtype}, {env['device']}, torch {env['torch']}")
-    print(header)
-    print("-" * len(header))
-    for n in ns:
-        floor = common.run_child(MODULE, ["--child", FLOOR, str(n), str(d), dtype, device, str(reps)])
-        if "error" in floor:
-            print(f"{FLOOR:<14}{n:>7}{d:>6}  error: {floor['error']}")
-            continue
-        floor_s = 4 * floor["gemm"]["median_s"]
-        flops = common.contrastive_flops(n, n, d)
-        mm_rate = flops / floor_s
-        print(f"{FLOOR:<14}{n:>7}{d:>6}  {'':>9}{'':>10}{floor_s * 1e3:>10.1f}{'':>20}"
-              f"{mm_rate / 1e12:>9.3f}{100.0:>7.0f}{1.0:>8.2f}", flush=True)
-        naive_s = None
-        for impl in impls:
-            result = common.run_child(MODULE, ["--child", impl, str(n), str(d), dtype, device, str(reps)])
-            if "error" in result:
-                print(f"{impl:<14}{n:>7}{d:>6}  error: {result['error']}", flush=True)
-                rows.append({**env, "op": "contrastive_loss", "impl": impl, "n": n, "d": d,
-                             "dtype": dtype, "error": result["error"]})
-                continue
-            total = result["total"]
-            if impl == "naive":
-                naive_s = total["median_s"]
-            rate = flops / total["median_s"]
-            speedup = naive_s / total["median_s"] if naive_s else float("nan")
-            row = {
-                **env, "op": "contrastive_loss", "impl": impl, "n": n, "d": d, "dtype": dtype,
-                "fwd_median_ms": result["fwd"]["median_s"] * 1e3,
-                "bwd_median_ms": result["bwd"]["median_s"] * 1e3,
-                "total_median_ms": total["median_s"] * 1e3,
-                "total_q20_ms": total["q20_s"] * 1e3, "total_q80_ms": total["q80_s"] * 1e3,
-                "tflops": rate / 1e12, "pct_of_matmul": 100 * rate / mm_rate,
-                "matmul_floor_ms": floor_s * 1e3, "x_floor": total["median_s"] / floor_s,
-                "speedup_vs_naive": speedup, "extra_peak_mib": result["extra_peak_mib"],
-            }
-            rows.append(row)
-            print(f"{impl:<14}{n:>7}{d:>6}  {row['fwd_median_ms']:>9.1f}{row['bwd_median_ms']:>10.1f}"
-                  f"{row['total_median_ms']:>10.1f}"
-                  f"{'[%.1f, %.1f]' % (row['total_q20_ms'], row['total_q80_ms']):>20}"
-                  f"{row['tflops']:>9.3f}{row['pct_of_matmul']:>7.0f}{row['x_floor']:>8.2f}"
-                  f"{speedup:>9.2f}{row['extra_peak_mib']:>10.0f}", flush=True)
-    if save and rows:
-        jsonl, csv_path = common.append_rows("contrastive", rows)
-        print(f"\nrows appended to {csv_path.relative_to(common.ROOT)} and {jsonl.name}")
-    return rows
+def run_suite(options: SuiteOptions) -> list[dict]:
+    """The default suite's part: the default sizes on the device."""
+    return run(default_cases(options.device, options.quick), options)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--child":
-        return child_main(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, nargs="+", default=None, help="batch sizes N")
-    parser.add_argument("--d", type=int, default=512, help="feature dimension D")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--impl", nargs="+", default=None, help="implementations (default: all here)")
-    parser.add_argument("--reps", type=int, default=3, help="timed runs per measurement (CPU)")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
-    parser.add_argument("--no-save", action="store_true", help="print only, append no rows")
-    args = parser.parse_args(argv)
-    default_n = [1024, 2048] if args.quick else [4096, 8192, 16384]
-    d = 128 if args.quick and args.d == 512 else args.d
-    run(args.n or default_n, d, args.dtype, args.device, args.impl, args.reps, save=not args.no_save)
+    harness.script_main(__doc__, prepare, default_cases, run, argv)
 
 
 if __name__ == "__main__":

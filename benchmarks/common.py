@@ -19,12 +19,36 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS_DIR.parent.parent
 
+# Where rows are appended: benchmarks/results/, unless the entry point (or a
+# user) points this variable at another folder (the GPU script does).
+RESULTS_ENV = "MMKERNELS_BENCH_RESULTS"
+# One id shared by every row of one ``python -m benchmarks`` run (children inherit it).
+RUN_ID_ENV = "MMKERNELS_BENCH_RUN"
+
+# The FLOP formula, written once: each op is counted as the N x M x D matrix
+# products (2*N*M*D FLOPs each) that its forward and backward cannot avoid.
+# contrastive / logsumexp: S once forward; S again, dA and dB backward (4 in
+# all: 8*N*M*D). normalized_similarity: S forward; dA and dB backward.
+GEMMS = {
+    "contrastive": {"fwd": 1, "bwd": 3},
+    "logsumexp": {"fwd": 1, "bwd": 3},
+    "similarity": {"fwd": 1, "bwd": 2},
+    # SigLIP's tiles cost the same products as the logsumexp primitive's.
+    "siglip": {"fwd": 1, "bwd": 3},
+}
+
+
+def op_flops(op: str, n: int, m: int, d: int, passes: str = "fwd+bwd") -> float:
+    """FLOPs of ``op``'s GEMM floor for ``passes`` ("fwd", "bwd" or "fwd+bwd")."""
+    gemms = GEMMS[op]
+    count = gemms["fwd"] + gemms["bwd"] if passes == "fwd+bwd" else gemms[passes]
+    return count * 2.0 * n * m * d
+
 
 def contrastive_flops(n: int, m: int, d: int, passes: str = "fwd+bwd") -> float:
     """FLOPs of the GEMM floor of the contrastive primitive: one N x M x D matrix
     product (2*N*M*D) for the forward, three for the backward (recompute S, dA, dB)."""
-    gemm = 2.0 * n * m * d
-    return {"fwd": 1, "bwd": 3, "fwd+bwd": 4}[passes] * gemm
+    return op_flops("contrastive", n, m, d, passes)
 
 
 def quantiles(samples: list[float]) -> dict:
@@ -76,6 +100,17 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
+def malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so the RSS before a measured
+    step holds nothing a previous step left cached. No-op where unavailable."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -84,9 +119,26 @@ def git_sha() -> str:
         return "unknown"
 
 
-def environment() -> dict:
-    """Where and when: device, versions, git sha, date."""
-    if torch.cuda.is_available():
+def run_id() -> str:
+    """The id of this benchmark run (set once by the entry point, inherited by children)."""
+    if not os.environ.get(RUN_ID_ENV):
+        os.environ[RUN_ID_ENV] = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + str(os.getpid())
+    return os.environ[RUN_ID_ENV]
+
+
+def results_dir() -> Path:
+    """The folder rows are appended to (benchmarks/results/ unless $MMKERNELS_BENCH_RESULTS)."""
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS_DIR)
+
+
+def environment(device: str | None = None) -> dict:
+    """Where and when: device, versions, git sha, date, run id.
+
+    ``device``: the device type measured ("cpu" or "cuda"); default: CUDA when present."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = device
+    if device_type == "cuda":
         device = torch.cuda.get_device_name()
     else:
         device = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, cpu)"
@@ -114,13 +166,18 @@ def environment() -> dict:
         "python": platform.python_version(),
         "git_sha": git_sha(),
         "threads": torch.get_num_threads(),
+        "device_type": device_type,
+        "cuda": torch.version.cuda,
+        "run_id": run_id(),
     }
 
 
-def append_rows(name: str, rows: list[dict]) -> tuple[Path, Path]:
-    """Append rows to results/<name>.jsonl and results/<name>.csv; returns the paths."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    jsonl, csv_path = RESULTS_DIR / f"{name}.jsonl", RESULTS_DIR / f"{name}.csv"
+def append_rows(name: str, rows: list[dict], folder: Path | None = None) -> tuple[Path, Path]:
+    """Append rows to <folder>/<name>.jsonl and <name>.csv (folder: :func:`results_dir`);
+    returns the paths."""
+    folder = Path(folder) if folder is not None else results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    jsonl, csv_path = folder / f"{name}.jsonl", folder / f"{name}.csv"
     with open(jsonl, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

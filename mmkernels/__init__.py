@@ -7,24 +7,29 @@ The public API (names and semantics fixed by the project's API contract):
 - :func:`similarity_logsumexp`: the tiled primitive (row and column logsumexp)
 - :func:`normalized_similarity`: cosine-similarity matrix, normalization fused
 - :class:`ClipLoss`: drop-in for open_clip's ClipLoss
+- :func:`siglip_loss`: SigLIP's pairwise sigmoid loss, never holding the N x N matrix
+- :class:`SigLipLoss`: drop-in for open_clip's SigLipLoss
 - :func:`available_backends`: which kernel families run here
 """
 
 __version__ = "0.1.0"
 
-from mmkernels import backends
+from mmkernels import backends, distributed  # noqa: F401  (mmkernels.distributed)
 from mmkernels.backends import available_backends
-from mmkernels.nn import ClipLoss
+from mmkernels.nn import ClipLoss, SigLipLoss
 from mmkernels.ops import contrastive_loss, info_nce, normalized_similarity, similarity_logsumexp
+from mmkernels.ops import siglip_loss
 
 backends.load_available_kernels()
 
 __all__ = [
     "ClipLoss",
+    "SigLipLoss",
     "available_backends",
     "contrastive_loss",
     "info_nce",
     "normalized_similarity",
     "similarity_logsumexp",
+    "siglip_loss",
     "__version__",
 ]

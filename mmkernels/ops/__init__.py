@@ -5,5 +5,7 @@ torch backend's kernels with every op."""
 from mmkernels.ops.contrastive import contrastive_loss, info_nce
 from mmkernels.ops.logsumexp import similarity_logsumexp
 from mmkernels.ops.similarity import normalized_similarity
+from mmkernels.ops.siglip import siglip_loss
 
-__all__ = ["contrastive_loss", "info_nce", "similarity_logsumexp", "normalized_similarity"]
+__all__ = ["contrastive_loss", "info_nce", "similarity_logsumexp", "normalized_similarity",
+           "siglip_loss"]

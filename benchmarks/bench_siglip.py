@@ -1,0 +1,112 @@
+"""Benchmark of siglip_loss: time, TFLOP/s and peak memory per implementation.
+
+    python -m benchmarks.bench_siglip [--n 4096 8192] [--d 512] [--dtype float32]
+                                      [--impl naive torch open_clip ...] [--quick]
+
+Forward + backward of SigLIP's sigmoid loss on L2-normalized features with
+SigLIP's initial logit scale 10 and bias -10 (Zhai et al., 2023); gradients
+of both feature matrices, the scale and the bias. Implementations: naive (the
+N x N logits materialized), every mmkernels backend available on the device,
+and open_clip's ``SigLipLoss`` when open_clip is installed. Time and memory
+are measured as in bench_contrastive (benchmarks/harness.py); the tiled
+backends' memory is flat in N beyond the features: the "extra MiB" column.
+``rel_err``: the loss value against mmkernels' torch backend in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness, implementations
+from benchmarks.harness import Case, SuiteOptions, Workload
+
+MODULE = "benchmarks.bench_siglip"
+OP = "siglip"
+SCALE, BIAS = 10.0, -10.0
+SUITE_ORDER = 50
+SUITE_WEIGHT = 1.0
+
+
+def default_cases(device: str, quick: bool) -> list[Case]:
+    if quick:
+        return [Case(1024, 1024, 64, "float32")]
+    if device == "cuda":
+        return [Case(n, n, 768, dtype) for dtype in ("bfloat16", "float32") for n in (8192, 32768)]
+    return [Case(n, n, 512, "float32") for n in (2048, 4096)]
+
+
+def impls_for(device: str, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    names = ["naive"] + implementations.mmkernels_backends(device)
+    notes = {}
+    reason = implementations.peer_unavailable("open_clip", device)
+    if reason:
+        notes["open_clip"] = reason
+    else:
+        names.append("open_clip")
+    chosen = [n for n in names if wanted is None or n in wanted]
+    notes.update({n: "not available here" for n in (wanted or []) if n not in names})
+    return chosen, notes
+
+
+# --- child ---------------------------------------------------------------------------
+
+def _loss_fn(impl: str):
+    import mmkernels
+
+    if impl == "open_clip":
+        from open_clip.loss import SigLipLoss
+
+        return SigLipLoss()
+    return lambda a, b, scale, bias: mmkernels.siglip_loss(a, b, scale, bias, backend=impl)
+
+
+def prepare(impl: str, case: Case, device: str) -> Workload:
+    import mmkernels
+
+    dtype = getattr(torch, case.dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    # Normalized once, outside the timed step, as open_clip's model returns them.
+    a = F.normalize(torch.randn(case.n, case.d, device=device, dtype=dtype, generator=gen), dim=-1)
+    b = F.normalize(torch.randn(case.m, case.d, device=device, dtype=dtype, generator=gen), dim=-1)
+    a.requires_grad_()
+    b.requires_grad_()
+    scale = torch.tensor(SCALE, device=device, requires_grad=True)
+    bias = torch.tensor(BIAS, device=device, requires_grad=True)
+    loss_fn = _loss_fn(impl)
+
+    def zero_grad():
+        a.grad = b.grad = scale.grad = bias.grad = None
+
+    def error(loss):
+        with torch.no_grad():
+            ref = mmkernels.siglip_loss(a.float(), b.float(), scale, bias, backend="torch")
+        return abs(float(loss) - float(ref)) / abs(float(ref))
+
+    feature_bytes = (a.numel() + b.numel()) * a.element_size()
+    return Workload(forward=lambda: loss_fn(a, b, scale, bias), backward=lambda loss: loss.backward(),
+                    zero_grad=zero_grad, inputs_bytes=feature_bytes, grads_bytes=feature_bytes,
+                    error=error)
+
+
+# --- parent --------------------------------------------------------------------------
+
+def run(cases: list[Case], options: SuiteOptions) -> list[dict]:
+    impls, notes = impls_for(options.device, options.impls)
+    return harness.run_op_suite(
+        module=MODULE, op=OP, cases=cases, impls=impls, notes=notes, options=options,
+        title=f"siglip_loss forward + backward (scale {SCALE}, bias {BIAS})",
+        kind=implementations.kind, version=implementations.version,
+        floor=not options.quick)  # CI: bench_contrastive covers the floor
+
+
+def run_suite(options: SuiteOptions) -> list[dict]:
+    return run(default_cases(options.device, options.quick), options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    harness.script_main(__doc__, prepare, default_cases, run, argv)
+
+
+if __name__ == "__main__":
+    main()

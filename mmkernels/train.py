@@ -1,0 +1,514 @@
+"""Train a CLIP with the fused contrastive loss: ``python -m mmkernels.train``.
+
+The recipe: image-caption pairs, a ViT image tower and a causal text
+Transformer (mmkernels/models/clip.py), the symmetric contrastive loss of an
+mmkernels backend (``--loss``), AdamW with linear warmup and cosine decay,
+bf16 autocast on GPU, then retrieval (recall@1/5/10 both ways) and zero-shot
+evaluation. Default: the ``tiny`` model on the built-in synthetic data,
+which needs no download::
+
+    python -m mmkernels.train --output runs/tiny
+
+Batches bigger than memory: ``--batch-size`` is the contrastive batch (the
+negatives each pair is scored against) and ``--micro-batch`` the chunk the
+encoders run on. With a smaller micro-batch, gradient caching
+(mmkernels/_train_step.py) computes the same gradients as the whole batch at
+once while holding one chunk of activations; the tiled loss itself holds
+O(N*D), never the N x N logits. Same seed and data with any micro-batch give
+the same parameters, to fp32 round-off.
+
+Outputs in ``--output DIR``: ``metrics.jsonl`` (one JSON object per logged
+step, ``"kind": "train"``, and per evaluation, ``"kind": "eval"``),
+``last.pt`` (model, optimizer, scheduler, step, random state, data
+position) and ``curves.png`` (loss and recall curves). The last line on
+stdout is a JSON summary.
+
+Preemption: on SIGTERM or SIGINT the step in flight finishes, ``last.pt`` is
+written and the process exits with 128 + the signal number; run the same
+command with ``--resume`` and it continues from there and ends with the same
+parameters as a run that was never interrupted (the data stream, the
+augmentations and the random state are functions of the step). An error
+mid-run (unreadable data, a non-finite loss) also saves the last completed
+step before it is raised.
+
+Data-parallel: ``torchrun --nproc-per-node W -m mmkernels.train ...``
+(mmkernels/_train_dist.py): every rank encodes 1/W of the batch and the
+loss is the global one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+import mmkernels
+from mmkernels import _train_dist as distributed
+from mmkernels import backends
+from mmkernels._train_eval import evaluate
+from mmkernels._train_io import (CHECKPOINT, CURVES, METRICS, MetricsLog, StopSignal,
+                                 ignore_stop_signals, load_checkpoint, plot_curves,
+                                 save_checkpoint)
+from mmkernels._train_step import contrastive_step
+from mmkernels.data import BatchFetcher, batches, load_items, open_dataset
+from mmkernels.models import create_clip, get_tokenizer, list_clip_configs
+
+# Arguments that change the result: a resumed run must repeat them.
+RESULT_ARGS = ("model", "model_arg", "data", "batch_size", "steps", "lr", "wd", "warmup", "beta1",
+               "beta2", "eps", "grad_clip", "seed", "tokenizer", "image_key", "caption_key",
+               "separator", "synthetic_size", "data_seed")
+
+
+class DataError(RuntimeError):
+    """A batch could not be formed from the data."""
+
+
+# --- command line ---------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mmkernels.train",
+        description="Train a CLIP with the mmkernels contrastive loss (gradient caching, "
+                    "exact resume). Default: the tiny model on the built-in synthetic data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", choices=list_clip_configs(), help="CLIP config")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable), e.g. vision_layers=2, dropout=0.1")
+    g.add_argument("--tokenizer", default="hash",
+                   help="'hash' (self-contained), 'clip-bpe', 'hf:NAME_OR_PATH' or 'module:attr'")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic",
+                   help="'synthetic' (built in) or a CSV/TSV/JSONL file of image paths and captions")
+    g.add_argument("--val-data", default="auto",
+                   help="evaluation data: 'auto' (the synthetic val split when --data is synthetic, "
+                        "else none), 'none', 'synthetic' or a file")
+    g.add_argument("--val-size", type=int, default=1000, help="evaluation pairs (at most)")
+    g.add_argument("--image-key", default=None, help="image path column / key (CSV: filepath, JSONL: image)")
+    g.add_argument("--caption-key", default=None, help="caption column / key (CSV: title, JSONL: caption)")
+    g.add_argument("--separator", default=None, help="CSV separator (default from the extension)")
+    g.add_argument("--synthetic-size", type=int, default=None, help="items of the synthetic train split")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
+    g.add_argument("--workers", type=int, default=0, help="data loader processes (0: load in the main process)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=256, help="contrastive batch (global, all ranks)")
+    g.add_argument("--micro-batch", type=int, default=None,
+                   help="encoder chunk for gradient caching (default: the batch size, no caching)")
+    g.add_argument("--loss", default="auto", choices=("auto",) + backends.BACKENDS,
+                   help="mmkernels backend of the contrastive loss ('naive' materializes N x N)")
+    g.add_argument("--steps", type=int, default=500, help="optimizer steps")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    g.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.98)
+    g.add_argument("--eps", type=float, default=1e-6)
+    g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (none by default)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="encoder precision: auto is bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (default: torch's choice, one per core)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output", default=None, help="run folder (default: runs/<model>)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from OUTPUT/last.pt (or the given checkpoint); starts afresh "
+                        "when there is none yet")
+    g.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="steps between evaluations (default: --steps / 10; 0: at the end only)")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="steps between checkpoints (default: as --eval-every; 0: at the end only)")
+    g.add_argument("--no-plot", action="store_true", help="do not draw curves.png")
+    return p
+
+
+def _parse_model_args(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--model-arg: expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _check_args(args) -> None:
+    for name in ("batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
+    if args.batch_size < 2:
+        raise ValueError(f"--batch-size: a contrastive batch needs at least 2 pairs, got {args.batch_size}")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise ValueError(f"--micro-batch: expected a positive number, got {args.micro_batch}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr: expected a positive learning rate, got {args.lr}")
+    if args.warmup is not None and not 0 <= args.warmup <= args.steps:
+        raise ValueError(f"--warmup: expected 0 .. --steps ({args.steps}), got {args.warmup}")
+
+
+# --- pieces -----------------------------------------------------------------------
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, args):
+    """AdamW; weight decay on matrices only (not on gains, biases, the logit scale), as open_clip."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+
+
+def _rng_state(device) -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _log(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def _eval_set(args, model, tokenizer):
+    """Evaluation images, tokens, groups and zero-shot tasks, or None."""
+    spec = args.val_data
+    if spec == "auto":
+        spec = "synthetic" if args.data == "synthetic" else "none"
+    if spec == "none":
+        return None
+    dataset = open_dataset(spec, image_size=model.image_size, train=False, seed=args.data_seed,
+                           synthetic_size=args.val_size, image_key=args.image_key,
+                           caption_key=args.caption_key, separator=args.separator)
+    indices = list(range(min(args.val_size, len(dataset))))
+    images, tokens, kept, skipped = load_items(dataset, tokenizer, indices)
+    if skipped:
+        _log(f"evaluation data: skipped {len(skipped)} of {len(indices)} items (first: {skipped[0][1]})")
+    keys = [dataset.group(i) for i in kept]
+    ids = {k: n for n, k in enumerate(dict.fromkeys(keys))}
+    eval_set = {"images": images, "tokens": tokens, "groups": torch.tensor([ids[k] for k in keys])}
+    if hasattr(dataset, "zeroshot_tasks"):
+        eval_set["zeroshot"] = dataset.zeroshot_tasks(kept)
+    return eval_set
+
+
+def _check_tokenizer(tokenizer, model) -> None:
+    probe = tokenizer(["a probe caption"])
+    vocab = model.config.text.vocab_size
+    if probe.dim() != 2 or probe.shape[1] > model.context_length:
+        raise ValueError(f"tokenizer: expected (B, L <= {model.context_length}) token ids, "
+                         f"got shape {tuple(probe.shape)}")
+    size = getattr(tokenizer, "vocab_size", int(probe.max()) + 1)
+    if size > vocab:
+        raise ValueError(f"tokenizer: its vocabulary ({size}) is larger than the model's "
+                         f"({vocab}); pass --model-arg vocab_size={size}")
+
+
+# --- the run ----------------------------------------------------------------------
+
+class Trainer:
+    """One training run from parsed arguments: ``prepare()`` (output folder,
+    resume), then ``run()`` (returns the exit code)."""
+
+    def __init__(self, args):
+        _check_args(args)
+        self.args = args
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.rank, self.world_size, local_rank = distributed.world()
+        if args.device:
+            self.device = torch.device(args.device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1:
+            distributed.init(self.device)
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and self.device.type == "cuda")
+        self.precision = "bf16" if bf16 else "fp32"
+        self.autocast = (partial(torch.autocast, self.device.type, dtype=torch.bfloat16) if bf16
+                         else contextlib.nullcontext)
+        self.is_main = self.rank == 0
+
+        self.out = Path(args.output or f"runs/{args.model}")
+        self.warmup = args.warmup if args.warmup is not None else args.steps // 20
+        self.eval_every = args.eval_every if args.eval_every is not None else max(1, args.steps // 10)
+        self.save_every = args.save_every if args.save_every is not None else self.eval_every
+        self.micro_batch = args.micro_batch or args.batch_size
+
+        torch.manual_seed(args.seed)
+        self.model = create_clip(args.model, **_parse_model_args(args.model_arg)).to(self.device)
+        if self.world_size > 1:  # one initialization, but each rank its own dropout masks
+            torch.manual_seed(args.seed + self.rank)
+        self.tokenizer = get_tokenizer(args.tokenizer, vocab_size=self.model.config.text.vocab_size,
+                                       context_length=self.model.context_length)
+        _check_tokenizer(self.tokenizer, self.model)
+        self.dataset = open_dataset(args.data, image_size=self.model.image_size, train=True,
+                                    seed=args.data_seed, synthetic_size=args.synthetic_size,
+                                    image_key=args.image_key, caption_key=args.caption_key,
+                                    separator=args.separator)
+        if getattr(self.dataset, "skipped_rows", None):
+            _log(f"data: skipped rows of {args.data}: {dict(self.dataset.skipped_rows)}")
+        self.fetcher = BatchFetcher(self.dataset, self.tokenizer, args.batch_size, args.seed,
+                                    rank=self.rank, world_size=self.world_size)
+        self.eval_set = _eval_set(args, self.model, self.tokenizer) if self.is_main else None
+
+        backend = backends.select_backend(args.loss, self.device)  # fails early, naming the backend
+        if self.world_size > 1:
+            distributed.broadcast_parameters(self.model)
+            self.loss_fn, self.loss_name = distributed.loss_function(args.loss)
+        else:
+            self.loss_fn = partial(mmkernels.contrastive_loss, backend=args.loss)
+            self.loss_name = backend
+        self.optimizer = make_optimizer(self.model, args)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_lambda, warmup=self.warmup, total=args.steps))
+        self.metrics = MetricsLog(self.out / METRICS, enabled=self.is_main)
+        self.step = 0
+        self.skipped = 0
+        self.elapsed_before = 0.0
+        self.last_eval: dict = {}
+
+    # -- checkpoints --
+    def _result_args(self) -> dict:
+        values = {k: getattr(self.args, k) for k in RESULT_ARGS}
+        values["warmup"] = self.warmup
+        return values
+
+    def _state(self, step: int, rng: dict, elapsed: float) -> dict | None:
+        """The checkpoint of the state after ``step`` steps (gathered from every rank)."""
+        rngs = [rng]
+        if self.world_size > 1:
+            rngs = [None] * self.world_size
+            torch.distributed.all_gather_object(rngs, rng)
+        if not self.is_main:
+            return None
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": step,
+                "data_position": step * self.args.batch_size, "rng": rngs,
+                "skipped": self.skipped, "elapsed_s": elapsed, "args": self._result_args(),
+                "config": dataclasses.asdict(self.model.config), "mmkernels": mmkernels.__version__}
+
+    def save(self, step: int, rng: dict, elapsed: float) -> None:
+        state = self._state(step, rng, elapsed)
+        if state is not None:
+            save_checkpoint(self.out / CHECKPOINT, state)
+
+    def restore(self) -> None:
+        args = self.args
+        path = self.out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
+        if not path.exists():
+            if args.resume != "auto":
+                raise ValueError(f"--resume: no checkpoint at {str(path)!r}")
+            _log(f"--resume: no checkpoint at {path} yet; starting from scratch")
+            return
+        state = load_checkpoint(path)
+        saved, now = state.get("args", {}), self._result_args()
+        differ = [k for k in RESULT_ARGS if k in saved and saved[k] != now[k]]
+        if differ:
+            raise ValueError("--resume: the checkpoint was trained with other arguments: " + ", ".join(
+                f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in differ)
+                + "; resume with the same arguments")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.skipped = state["step"], state.get("skipped", 0)
+        self.elapsed_before = state.get("elapsed_s", 0.0)
+        rngs = state["rng"]
+        if len(rngs) != self.world_size:
+            raise ValueError(f"--resume: the checkpoint has the random state of {len(rngs)} processes, "
+                             f"this run has {self.world_size}")
+        _set_rng_state(rngs[self.rank], self.device)
+        self.metrics.truncate_after(self.step)
+        _log(f"resumed from {path} at step {self.step}")
+
+    # -- evaluation --
+    def run_eval(self, step: int) -> None:
+        if self.eval_set is not None:
+            t0 = time.perf_counter()
+            metrics = evaluate(self.model, self.eval_set, self.tokenizer, self.device, self.autocast)
+            self.last_eval = {"step": step, **metrics}
+            self.metrics.write({"kind": "eval", "step": step, **metrics,
+                                "eval_s": round(time.perf_counter() - t0, 3)})
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    # -- one step --
+    def train_step(self, batch) -> torch.Tensor:
+        n = batch.images.shape[0]
+        if self.world_size > 1:  # equal shards: the ranks agree on the smallest
+            n = distributed.all_min(n, self.device)
+        if batch.skipped:
+            self.skipped += len(batch.skipped)
+            if self.skipped - len(batch.skipped) < 10:
+                for _, reason in batch.skipped[:3]:
+                    _log(f"data: skipped an item of step {batch.step}: {reason}")
+        if n < 2:
+            first = batch.skipped[0][1] if batch.skipped else "no items"
+            raise DataError(f"data: only {n} item(s) of the batch of step {batch.step} could be "
+                            f"loaded; first error: {first}")
+        images = batch.images[:n].to(self.device, non_blocking=True)
+        tokens = batch.tokens[:n].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = contrastive_step(self.model, images, tokens, self.loss_fn, self.micro_batch, self.autocast)
+        if self.world_size > 1:
+            distributed.average_gradients(self.model)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss is {float(loss)} at step {batch.step}")
+        if self.args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        return loss
+
+    def prepare(self) -> None:
+        """Create the output folder; resume, or refuse to overwrite a run."""
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if self.args.resume:
+            self.restore()
+        elif (self.out / CHECKPOINT).exists():
+            raise ValueError(f"--output: {str(self.out)!r} already holds a run ({CHECKPOINT}); pass "
+                             "--resume to continue it, or choose another folder")
+        elif self.is_main and (self.out / METRICS).exists():
+            (self.out / METRICS).unlink()
+
+    def run(self) -> int:
+        """Train to ``--steps`` (or to a stop signal); returns the exit code."""
+        args = self.args
+        if self.is_main:
+            _log(f"training {args.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
+                 f"parameters) on {args.data}, {self.world_size} process(es) on {self.device}, "
+                 f"{self.precision}; batch {args.batch_size}, micro-batch {self.micro_batch}, "
+                 f"loss {self.loss_name}; steps {self.step}..{args.steps}; output {self.out}")
+        self.model.train()
+        start = time.perf_counter()
+        elapsed = lambda: self.elapsed_before + time.perf_counter() - start  # noqa: E731
+        progress = _progress(args.steps, self.step, enabled=self.is_main)
+        window_t, window_n = time.perf_counter(), 0
+        stream = batches(self.fetcher, self.step, args.steps, args.workers, ignore_stop_signals)
+        with StopSignal() as stop:
+            for batch in stream:
+                rng_before = _rng_state(self.device)
+                try:
+                    loss = self.train_step(batch)
+                except Exception as exc:
+                    # Progress is never lost: save the last completed step, then fail. With
+                    # several processes only errors that every rank meets together (the
+                    # shared batch size, the global loss) can save: saving is collective.
+                    if self.world_size == 1 or isinstance(exc, (DataError, FloatingPointError)):
+                        self.save(self.step, rng_before, elapsed())
+                        _log(f"error at step {self.step + 1}; the state after step {self.step} "
+                             f"is saved in {self.out / CHECKPOINT}")
+                    raise
+                self.optimizer.step()
+                self.scheduler.step()
+                self.model.clamp_logit_scale_()
+                self.step += 1
+                window_n += batch.images.shape[0] * self.world_size
+                progress.update(1)
+                progress.set_postfix(loss=f"{float(loss):.4f}")
+                if self.step % args.log_every == 0 or self.step == args.steps:
+                    now = time.perf_counter()
+                    self.metrics.write({
+                        "kind": "train", "step": self.step, "loss": float(loss),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "logit_scale": float(self.model.scale().detach()),
+                        "samples_per_s": round(window_n / max(now - window_t, 1e-9), 2),
+                        "elapsed_s": round(elapsed(), 3), "skipped": self.skipped})
+                    window_t, window_n = now, 0
+                if self.eval_every and self.step % self.eval_every == 0 and self.step < args.steps:
+                    self.run_eval(self.step)
+                if self.save_every and self.step % self.save_every == 0 and self.step < args.steps:
+                    self.save(self.step, _rng_state(self.device), elapsed())
+                stopping = stop.signum is not None
+                if self.world_size > 1:
+                    stopping = distributed.any_true(stopping, self.device)
+                if stopping and self.step < args.steps:
+                    self.save(self.step, _rng_state(self.device), elapsed())
+                    progress.close()
+                    _log(f"stopped after step {self.step} of {args.steps}; saved "
+                         f"{self.out / CHECKPOINT}; rerun with --resume to continue")
+                    return stop.exit_code or 1
+        progress.close()
+        if self.last_eval.get("step") != self.step:
+            self.run_eval(self.step)
+        self.save(self.step, _rng_state(self.device), elapsed())
+        if self.is_main:
+            if not args.no_plot and not plot_curves(self.metrics.read(), self.out / CURVES,
+                                                    f"{args.model} on {args.data}, batch {args.batch_size}"):
+                _log("matplotlib is not installed: no curves.png (pip install 'mmkernels[train]')")
+            summary = {**self.last_eval, "step": self.step, "loss": self._last_loss(),
+                       "elapsed_s": round(elapsed(), 1), "skipped": self.skipped, "output": str(self.out)}
+            print(json.dumps(summary), flush=True)
+        return 0
+
+    def _last_loss(self):
+        train = [r for r in self.metrics.read() if r.get("kind") == "train"]
+        return train[-1]["loss"] if train else None
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    """A tqdm bar on an interactive stderr; a silent stand-in otherwise."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or not enabled:
+        return _NoProgress()
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=None)
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``mmkernels-train``); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        trainer = Trainer(args)
+        trainer.prepare()
+    except (ValueError, TypeError, RuntimeError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    try:
+        return trainer.run()
+    finally:
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

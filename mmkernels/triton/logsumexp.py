@@ -1,0 +1,428 @@
+r"""Triton kernels of the primitive: row and column logsumexp of S, and its backward.
+
+Maths
+-----
+``S[i, j] = scale * ra[i] * rb[j] * <a_i, b_j>`` (ra, rb: inverse norms when
+normalizing, else 1); the forward returns ``row_lse = logsumexp(S, 1)`` and
+``col_lse = logsumexp(S, 0)``; the backward returns ``pb = P @ Bh`` and
+``pa = P.T @ Ah`` with
+``P[i, j] = g_row[i] * exp(S[i, j] - row_lse[i]) + g_col[j] * exp(S[i, j] - col_lse[j])``
+(the kernel contract of mmkernels/ops/logsumexp.py, whose ``lse_reference``
+is the reference these kernels are tested against). Normalization is fused:
+``scale * ra[i]`` and ``rb[j]`` are row and column factors applied to each
+tile's fp32 accumulator, never a pass over S.
+
+Forward: one pass over S, one exp per logit
+-------------------------------------------
+A persistent grid of R row groups x C column splits (mmkernels/triton/_launch.py:
+``forward_split``). Program (g, h) sweeps its row blocks; for each, it sweeps
+its column blocks, computing each (BLOCK_M, BLOCK_N) tile of S exactly once
+(a K-loop over D), and takes both statistics from that tile:
+
+- rows: the running (max, sum) of each row stays in registers (online
+  logsumexp, fp32), and is written once per row block into the row partials
+  (C, N);
+- columns: the tile's column partials are merged into row g of the column
+  partials (R, M) in global memory, a read-merge-write by the only program
+  that ever touches row g, so neither locks nor atomics are needed.
+
+A small kernel then merges the C row partials and the R column partials in a
+fixed order. No buffer is O(N^2): the partials take (R * M + C * N) * 8 bytes
+with R, C <= 32, whatever N. The whole forward is deterministic. (A spin lock
+per column block, as in Triton's layer-norm tutorial, needs only M floats but
+serializes programs that reach a column block together and merges in a
+varying order; R <= 32 rows of partials cost little and keep the forward
+reproducible.)
+
+Exps per logit: the row statistics need ``E = exp(S - m_i)`` with ``m_i`` the
+tile's row maximum. The column sums reuse it:
+``sum_i exp(S[i, j] - T) = sum_i E[i, j] * w_i`` with ``w_i = exp(m_i - T)``
+and T the tile's maximum: a multiply-add per logit instead of a second exp.
+This keeps fp32's relative precision as long as every column's maximum in the
+tile is within FAST_RANGE (40) of T, so that no term that matters underflows;
+the kernel checks that per tile (a column-max reduction, no exp) and otherwise
+takes the second exp, ``exp(S - column max)``, for that tile. Unnormalized
+features at logit_scale 100 reach that fallback; CLIP's normalized embeddings
+at logit_scale <= 100 rarely do. So: 1 exp per logit (2 in the tiles that
+need it), plus O(1/BLOCK) per logit for the merges. The running maxima are
+always online: nothing assumes |cos| <= 1.
+
+Why ``tl.exp`` (``exp2(x * log2(e))`` on NVIDIA GPUs: one multiply and one
+MUFU ex2) rather than exp2 with log2(e) folded into the scale: the backward
+subtracts ``row_lse`` from the recomputed S, and where one logit dominates
+(N = 1, or a confident positive pair) that difference is 0 exactly only when
+both are in the same units; in base 2 it is off by ~|S| * 2^-24, which shows
+as a relative error of that size in every gradient. The multiply costs one
+FP32 instruction per logit beside ~8 others, on pipes that run 8 times the
+MUFU's rate: a percent or two of the forward's epilogue, for exact zeros.
+
+Backward: S recomputed once, 1 exp per logit, P through L2
+----------------------------------------------------------
+FlashAttention-2 keeps the (BLOCK_M, head_dim) accumulators of dQ in
+registers; here head_dim is the feature dimension D = 512 to 4096, and a
+(128, 768) fp32 accumulator does not fit in a register file. So the backward
+works in blocks of S of I x J (4096 x 4096 bf16 on sm90: 32 MiB, sized to
+stay in L2):
+
+1. ``_lse_bwd_p_kernel`` recomputes each (BLOCK_M, BLOCK_N) tile of the block
+   once and writes P for it (input dtype for fp16/bf16, as FlashAttention
+   rounds P before its P @ V product and open_clip under autocast rounds dS
+   before dS @ B; fp32/fp64 otherwise);
+2. ``matmul.products`` runs ``pb[I] (+)= P @ Bh[J]`` and ``pa[J] (+)= P.T @ Ah[I]``
+   in one launch, both reading the block back from L2.
+
+Each tile of S is thus computed once and produces both dA and dB; FLOPs are
+the floor (3 GEMM-equivalents: 6*N*M*D), and the traffic of P (write 2 bytes,
+read 4 bytes per logit) is small next to its 4.6 kFLOP per logit at D = 768.
+P uses one exp per logit: ``exp(S - c_j) = exp(S - r_i) * exp(r_i - t) * exp(t - c_j)``
+with t the tile's largest row lse, safe when every ``t - c_j`` is within
+FAST_RANGE (checked per tile, O(BLOCK) work), else two exps for that tile.
+fp16 P is stored times a power of two ``sigma`` (|P * sigma| <= 1, from the
+bound |P| <= max|g_row| + max|g_col|) so it neither overflows nor flushes to
+zero early; the products multiply by 1/sigma. No atomics anywhere: pb and pa
+are accumulated block after block by the programs that own their tiles, so
+the backward is deterministic too. Under ``torch.use_deterministic_algorithms(True)``
+the same kernels run with autotuning pinned to their first candidate
+(mmkernels/triton/_launch.py: ``tuned``), so that results do not depend on
+which config won a timing race in this process.
+
+Memory: beyond the inputs, the contract's fp32 outputs pb, pa (N*D and M*D),
+the P block (at most 32 MiB), inverse norms and partials (O(N) fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from mmkernels._checks import compute_dtype
+from mmkernels.ops._common import inv_norms
+from mmkernels.triton import _launch
+from mmkernels.triton.matmul import products, row_offsets, tile_dot
+
+# Largest spread between a tile's top statistic and any of its columns' for
+# which the one-exp forms stay exact (module docstring). Tests set it to -1
+# (always two exps) and to +inf (always one) to check both forms.
+FAST_RANGE = 40.0
+
+
+# --- kernels ---------------------------------------------------------------------
+
+@triton.jit
+def _scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, row_ok, cols, col_ok, D,
+                 stride_ad, stride_bd, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+                 ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile of S (row factor scale * ra, column factor rb), -inf outside the matrix."""
+    if NORMALIZE:  # requested before the K-loop: its latency hides behind the product
+        col_fac = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
+    s = tile_dot(a_ptr, b_ptr, a_rows, b_rows, D, stride_ad, stride_bd,
+                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC) * row_fac[:, None]
+    if NORMALIZE:
+        s = s * col_fac[None, :]
+    return tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr, row_part_ptr, col_part_ptr,
+    N, M, D,
+    stride_an, stride_ad, stride_bm, stride_bd,
+    stride_rp_stat, stride_rp_split, stride_cp_stat, stride_cp_group,
+    N_KEY, M_KEY, D_KEY,
+    NORMALIZE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (g, h): row blocks g, g+R, ... x column blocks h, h+C, ...;
+    row partials -> row_part[:, h], column partials -> col_part[:, g]
+    (index 0: running max, 1: sum of exp relative to it)."""
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    groups = tl.num_programs(0)
+    splits = tl.num_programs(1)
+    scale = tl.load(scale_ptr).to(ACC)
+    col_max_ptr = col_part_ptr + g.to(tl.int64) * stride_cp_group
+    col_sum_ptr = col_max_ptr + stride_cp_stat
+    row_max_ptr = row_part_ptr + h.to(tl.int64) * stride_rp_split
+    row_sum_ptr = row_max_ptr + stride_rp_stat
+
+    for t in range(g, tl.cdiv(N, BLOCK_M), groups):
+        rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        a_rows = row_offsets(rows, N, stride_an)
+        row_fac = tl.zeros((BLOCK_M,), dtype=ACC) + scale
+        if NORMALIZE:
+            row_fac = row_fac * tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
+        run_max = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
+        run_sum = tl.zeros((BLOCK_M,), dtype=ACC)
+
+        for u in range(h, tl.cdiv(M, BLOCK_N), splits):
+            cols = u * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < M
+            b_rows = row_offsets(cols, M, stride_bm)
+            s = _scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, row_ok, cols, col_ok, D,
+                             stride_ad, stride_bd, NORMALIZE, PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+
+            # Rows: the tile's maxima, the one exp per logit, the online merge.
+            tile_max = tl.max(s, axis=1)                          # -inf on padded rows
+            e = tl.exp(s - tl.where(row_ok, tile_max, 0.0)[:, None])
+            new_max = tl.maximum(run_max, tile_max)
+            safe_max = tl.where(row_ok, new_max, 0.0)
+            run_sum = run_sum * tl.exp(run_max - safe_max) + tl.sum(e, axis=1) * tl.exp(tile_max - safe_max)
+            run_max = new_max
+
+            # Columns: from the same tile, relative to its maximum `top` when every
+            # column's maximum is within FAST of it (then E * w loses nothing).
+            col_max = tl.max(s, axis=0)                           # -inf on padded columns
+            top = tl.max(col_max, axis=0)
+            lowest = tl.min(tl.where(col_ok, col_max, float("inf")), axis=0)
+            if top - lowest <= FAST:
+                w = tl.exp(tile_max - top)                       # 0 on padded rows
+                part_sum = tl.sum(e * w[:, None], axis=0)
+                part_max = tl.zeros((BLOCK_N,), dtype=ACC) + top
+            else:
+                # Rare: recompute the tile rather than keep S live beside E in
+                # registers through the common path.
+                s = _scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, row_ok, cols, col_ok, D,
+                                 stride_ad, stride_bd, NORMALIZE, PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+                part_sum = tl.sum(tl.exp(s - tl.where(col_ok, col_max, 0.0)[None, :]), axis=0)
+                part_max = col_max
+
+            # Merge into row g of the column partials, whose only writer this program
+            # is. On its first row block there is nothing to merge with (so a rerun
+            # of the kernel, as autotuning does, recomputes the same values).
+            seen = col_ok & (t != g)
+            old_max = tl.load(col_max_ptr + cols, mask=seen, other=float("-inf"))
+            old_sum = tl.load(col_sum_ptr + cols, mask=seen, other=0.0)
+            merged = tl.maximum(old_max, part_max)
+            safe = tl.where(col_ok, merged, 0.0)
+            tl.store(col_max_ptr + cols, merged, mask=col_ok)
+            tl.store(col_sum_ptr + cols,
+                     old_sum * tl.exp(old_max - safe) + part_sum * tl.exp(part_max - safe), mask=col_ok)
+
+        tl.store(row_max_ptr + rows, run_max, mask=row_ok)
+        tl.store(row_sum_ptr + rows, run_sum, mask=row_ok)
+
+
+@triton.jit
+def _lse_merge_kernel(part_ptr, out_ptr, parts, L, stride_stat, stride_part,
+                      IS_FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[l] = log sum_p sum[p, l] * exp(max[p, l])``, merged in the order p = 0, 1, ..."""
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < L
+    top = tl.full((BLOCK,), float("-inf"), dtype=ACC)
+    for p in range(0, parts):
+        top = tl.maximum(top, tl.load(part_ptr + p * stride_part + offs, mask=ok, other=float("-inf")))
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros((BLOCK,), dtype=ACC)
+    for p in range(0, parts):
+        m = tl.load(part_ptr + p * stride_part + offs, mask=ok, other=float("-inf"))
+        s = tl.load(part_ptr + stride_stat + p * stride_part + offs, mask=ok, other=0.0)
+        total += s * tl.exp(m - safe)
+    tl.store(out_ptr + offs, safe + tl.log(tl.where(ok, total, 1.0)), mask=ok)
+
+
+@triton.jit
+def _lse_bwd_p_kernel(
+    a_ptr, b_ptr, ra_ptr, rb_ptr, scale_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+    sigma_ptr, p_ptr,
+    I, J, D,
+    stride_an, stride_ad, stride_bm, stride_bd, stride_p,
+    I_KEY, J_KEY, D_KEY,
+    NORMALIZE: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One tile of ``sigma * P`` for the block a[:I] x b[:J] (pointers already offset)."""
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    pid = tl.program_id(0)
+    tiles_j = tl.cdiv(J, BLOCK_N)
+    rows = (pid // tiles_j) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % tiles_j) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < I
+    col_ok = cols < J
+    # The epilogue's operands are requested before the K-loop (latency hidden).
+    row_fac = tl.zeros((BLOCK_M,), dtype=ACC) + tl.load(scale_ptr).to(ACC)
+    col_fac = tl.full((BLOCK_N,), 1.0, dtype=ACC)
+    if NORMALIZE:
+        row_fac = row_fac * tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
+        col_fac = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
+    sigma = tl.load(sigma_ptr).to(ACC)
+    r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    c = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    g_r = tl.load(g_row_ptr + rows, mask=row_ok, other=0.0).to(ACC) * sigma
+    g_c = tl.load(g_col_ptr + cols, mask=col_ok, other=0.0).to(ACC) * sigma
+    acc = tile_dot(a_ptr, b_ptr, row_offsets(rows, I, stride_an), row_offsets(cols, J, stride_bm), D,
+                   stride_ad, stride_bd, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC)
+    s = acc * row_fac[:, None]
+    if NORMALIZE:
+        s = s * col_fac[None, :]
+    top = tl.max(tl.where(row_ok, r, float("-inf")), axis=0)
+    lowest = tl.min(tl.where(col_ok, c, float("inf")), axis=0)
+    if top - lowest <= FAST:
+        # exp(s - c_j) = exp(s - r_i) * exp(r_i - top) * exp(top - c_j): one exp per logit.
+        x = tl.exp(s - r[:, None])
+        u = tl.exp(r - top)
+        v = g_c * tl.exp(top - c)
+        p = x * (g_r[:, None] + u[:, None] * v[None, :])
+    else:
+        p = g_r[:, None] * tl.exp(s - r[:, None]) + g_c[None, :] * tl.exp(s - c[None, :])
+    p_ptrs = p_ptr + rows.to(tl.int64)[:, None] * stride_p + cols[None, :]
+    tl.store(p_ptrs, p.to(p_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# --- launchers -------------------------------------------------------------------
+
+def _tile_kernel(kernel, device, dtype, key, restore=()):
+    return _launch.tuned(kernel, "tile", device, dtype, key, restore)
+
+
+def _norms(a, b, normalize, dummy):
+    if normalize:
+        return inv_norms(a), inv_norms(b)
+    return dummy, dummy
+
+
+def _forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, normalize: bool):
+    n, d = a.shape
+    m = b.shape[0]
+    dtype = compute_dtype(a.dtype)
+    ra, rb = _norms(a, b, normalize, scale)
+    # Autotuning runs every candidate: one with more row groups or column splits
+    # than the winner would leave its extra rows of partials behind, so they
+    # are restored to their neutral start after each trial.
+    kernel = _tile_kernel(_lse_fwd_kernel, a.device, a.dtype, ("N_KEY", "M_KEY", "D_KEY"),
+                          ("row_part_ptr", "col_part_ptr"))
+    sms = _launch.num_sms(a.device)
+
+    def split(meta):
+        return _launch.forward_split(triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]), sms)
+
+    # Partials for the largest split any candidate config may pick; rows a
+    # config leaves unused keep the neutral (max -inf, sum 0).
+    splits = [split(c.kwargs) for c in kernel.configs]
+    groups = max(s[0] for s in splits)
+    col_splits = max(s[1] for s in splits)
+    row_part = torch.empty((2, col_splits, n), device=a.device, dtype=dtype)
+    col_part = torch.empty((2, groups, m), device=a.device, dtype=dtype)
+    for part in (row_part, col_part):
+        part[0].fill_(float("-inf"))
+        part[1].zero_()
+
+    _launch.launch(
+        kernel, split,
+        a, b, ra, rb, scale, row_part, col_part, n, m, d,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        row_part.stride(0), row_part.stride(1), col_part.stride(0), col_part.stride(1),
+        _launch.bucket(n), _launch.bucket(m), _launch.bucket(d),
+        NORMALIZE=normalize, IS_FP64=dtype == torch.float64,
+        PRECISION=_launch.input_precision(a.dtype), FAST=FAST_RANGE)
+    return _merge(row_part), _merge(col_part)
+
+
+MERGE_BLOCK = 256
+
+
+def _merge(part: torch.Tensor) -> torch.Tensor:
+    """Natural-log logsumexp over the partials' first axis (deterministic order)."""
+    _, parts, length = part.shape
+    out = part.new_empty(length)
+    _launch.launch(
+        _lse_merge_kernel, (triton.cdiv(length, MERGE_BLOCK),),
+        part, out, parts, length, part.stride(0), part.stride(1),
+        IS_FP64=part.dtype == torch.float64, BLOCK=MERGE_BLOCK)
+    return out
+
+
+def p_scale(a_dtype: torch.dtype, g_row: torch.Tensor, g_col: torch.Tensor) -> torch.Tensor:
+    """sigma: a power of two with |sigma * P| <= 1 for fp16 P (else 1), as a device scalar.
+
+    |P[i, j]| <= |g_row[i]| + |g_col[j]| since both exponentials are <= 1. A
+    power of two keeps sigma * P and its undoing exact.
+    """
+    one = torch.ones((), device=g_row.device, dtype=g_row.dtype)
+    if a_dtype != torch.float16:
+        return one
+    bound = g_row.abs().amax() + g_col.abs().amax()
+    usable = torch.isfinite(bound) & (bound > 0)
+    return torch.where(usable, torch.exp2(-torch.ceil(torch.log2(torch.where(usable, bound, one)))), one)
+
+
+def _blocks(length: int, size: int, *tensors):
+    """[(start, stop, [views of each tensor's rows start:stop])] covering ``length`` rows
+    (0-dim tensors, the unused inverse norms, are passed through)."""
+    return [(start, min(length, start + size), [t[start:start + size] if t.dim() else t for t in tensors])
+            for start in range(0, length, size)]
+
+
+def _tile_grid(rows: int, cols: int):
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+    return grid
+
+
+def _backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col):
+    # The kernels read the O(N) vectors with unit stride.
+    row_lse, col_lse, g_row, g_col = (x.contiguous() for x in (row_lse, col_lse, g_row, g_col))
+    n, d = a.shape
+    m = b.shape[0]
+    dtype = compute_dtype(a.dtype)
+    p_dtype = a.dtype if a.dtype in (torch.float16, torch.bfloat16) else dtype
+    ra, rb = _norms(a, b, normalize, scale)
+    sigma = p_scale(a.dtype, g_row, g_col)
+    alpha = sigma.reciprocal()
+    pb = torch.empty((n, d), device=a.device, dtype=dtype)
+    pa = torch.empty((m, d), device=a.device, dtype=dtype)
+    arch = _launch.arch(a.device)
+    rows, cols = _launch.p_block(n, m, torch.empty((), dtype=p_dtype).element_size(), arch)
+    p = torch.empty((rows, cols), device=a.device, dtype=p_dtype)
+    kernel = _tile_kernel(_lse_bwd_p_kernel, a.device, a.dtype, ("I_KEY", "J_KEY", "D_KEY"))
+    keys = (_launch.bucket(rows), _launch.bucket(cols), _launch.bucket(d))
+    precision = _launch.input_precision(a.dtype)
+    # Views of each block row and block column made once, not once per block:
+    # the loop runs N*M / (rows*cols) times, and its host time per block must
+    # stay well under the GPU's (~0.1 ms per 4096 x 4096 x 768 block on an H100).
+    row_parts = _blocks(n, rows, a, ra, row_lse, g_row, pb)
+    col_parts = _blocks(m, cols, b, rb, col_lse, g_col, pa)
+    p_views = {}
+
+    for i0, i1, (a_blk, ra_blk, row_lse_blk, g_row_blk, pb_blk) in row_parts:
+        for j0, j1, (b_blk, rb_blk, col_lse_blk, g_col_blk, pa_blk) in col_parts:
+            shape = (i1 - i0, j1 - j0)
+            if shape not in p_views:
+                view = p[: shape[0], : shape[1]]
+                p_views[shape] = (view, view.T)
+            p_blk, p_blk_t = p_views[shape]
+            _launch.launch(
+                kernel, _tile_grid(*shape),
+                a_blk, b_blk, ra_blk, rb_blk, scale, row_lse_blk, col_lse_blk,
+                g_row_blk, g_col_blk, sigma, p,
+                shape[0], shape[1], d,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0),
+                *keys, NORMALIZE=normalize, IS_FP64=dtype == torch.float64,
+                PRECISION=precision, FAST=FAST_RANGE)
+            products((p_blk, b_blk, rb_blk if normalize else None, pb_blk, j0 > 0),
+                     (p_blk_t, a_blk, ra_blk if normalize else None, pa_blk, i0 > 0),
+                     alpha, key_shape=(rows, cols))
+    return pb, pa
+
+
+# --- registration ------------------------------------------------------------------
+
+@triton_op("mmkernels::triton_lse_fwd", mutates_args=())
+def triton_lse_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                   normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel contract ``fwd`` of mmkernels/ops/logsumexp.py on the Triton kernels."""
+    return _forward(a, b, scale, normalize)
+
+
+@triton_op("mmkernels::triton_lse_bwd", mutates_args=())
+def triton_lse_bwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, normalize: bool,
+                   row_lse: torch.Tensor, col_lse: torch.Tensor, g_row: torch.Tensor,
+                   g_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel contract ``bwd`` of mmkernels/ops/logsumexp.py on the Triton kernels."""
+    return _backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col)
