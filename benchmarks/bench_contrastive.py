@@ -17,6 +17,8 @@ would show it).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from benchmarks import harness, implementations
@@ -40,7 +42,66 @@ def default_cases(device: str, quick: bool) -> list[Case]:
         # Most telling first (bf16, D = 768, growing N): a time budget cuts the tail.
         return [Case(n, n, d, dtype) for dtype in ("bfloat16", "float32") for d in (768, 512, 1024)
                 for n in (8192, 32768, 65536)]
-    return [Case(n, n, 512, "float32") for n in (2048, 4096, 8192)]
+    # 16384: the size of the CPU targets (TARGETS below).
+    return [Case(n, n, 512, "float32") for n in (2048, 4096, 8192, 16384)]
+
+
+# --- targets ------------------------------------------------------------------------
+#
+# The performance targets of the issues that built each backend, checked on the
+# rows of the run that measured them (printed after the table; never asserted in
+# unit tests). Per (device, impl): the case, and limits on "x floor" (time over
+# the four matrix products measured in the same run), speed-up over the naive
+# backend, and extra peak memory (MiB beyond inputs and gradients).
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    device: str
+    impl: str
+    case: Case
+    max_x_floor: float
+    min_speedup_vs_naive: float
+    max_extra_mib: float
+    faster_than: str | None = None  # another implementation it must beat in the same run
+
+
+TARGET_CASE_CPU = Case(16384, 16384, 512, "float32")
+TARGETS = [
+    Target("cpu", "torch", TARGET_CASE_CPU, 1.3, 1.8, 512),            # issue 2
+    # issue 4: 64 MiB + O(N*D); O(N*D) counted as four fp32 N x D matrices
+    # (normalized operands and gradient products), 128 MiB at this size.
+    Target("cpu", "cpu", TARGET_CASE_CPU, 1.10, 2.0, 64 + 4 * 16384 * 512 * 4 / 2**20,
+           faster_than="torch"),
+]
+
+
+def check_targets(rows: list[dict], device: str) -> list[str]:
+    """One line per target of ``device`` whose case this run measured: the
+    figures beside their limits, and whether every limit is met."""
+    by_impl = {(r["impl"], r["n"], r["m"], r["d"], r["dtype"]): r for r in rows if r.get("status") == "ok"}
+    lines = []
+    for target in TARGETS:
+        c = target.case
+        row = by_impl.get((target.impl, c.n, c.m, c.d, c.dtype))
+        if target.device != device or row is None:
+            continue
+        checks = [("x floor", row.get("x_floor"), "<=", target.max_x_floor),
+                  ("vs naive", row.get("speedup_vs_naive"), ">=", target.min_speedup_vs_naive),
+                  ("extra MiB", row.get("extra_mib"), "<=", target.max_extra_mib)]
+        if target.faster_than:
+            other = by_impl.get((target.faster_than, c.n, c.m, c.d, c.dtype))
+            ratio = other["total_median_ms"] / row["total_median_ms"] if other else None
+            checks.append((f"vs {target.faster_than}", ratio, ">", 1.0))
+        parts, met = [], True
+        for name, value, op, limit in checks:
+            ok = value is not None and (value <= limit if op == "<=" else
+                                        value >= limit if op == ">=" else value > limit)
+            met &= ok
+            shown = "n/a" if value is None else f"{value:.2f}"
+            parts.append(f"{name} {shown} {op} {limit:g} {'ok' if ok else 'MISSED'}")
+        lines.append(f"target {target.impl} N={c.n} D={c.d} {c.dtype}: " + ", ".join(parts)
+                     + f" -> {'met' if met else 'NOT met'}")
+    return lines
 
 
 # --- child: one implementation, one case ----------------------------------------
@@ -74,10 +135,13 @@ def prepare(impl: str, case: Case, device: str) -> Workload:
 
 def run(cases: list[Case], options: SuiteOptions) -> list[dict]:
     impls, notes = implementations.contrastive_impls(options.device, options.impls)
-    return harness.run_op_suite(
+    rows = harness.run_op_suite(
         module=MODULE, op=OP, cases=cases, impls=impls, notes=notes, options=options,
         title="contrastive_loss forward + backward (normalize=True)",
         kind=implementations.kind, version=implementations.version)
+    for line in check_targets(rows, options.device):
+        print("   " + line, flush=True)
+    return rows
 
 
 def run_suite(options: SuiteOptions) -> list[dict]:

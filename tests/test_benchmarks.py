@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_max_batch, common, gpu  # noqa: E402
+from benchmarks import bench_contrastive, bench_max_batch, common, gpu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reads /proc")
 
@@ -228,3 +228,23 @@ def test_flop_formula():
     assert common.op_flops("contrastive", 3, 5, 7) == 8 * 3 * 5 * 7
     assert common.contrastive_flops(3, 5, 7, "fwd") == 2 * 3 * 5 * 7
     assert common.op_flops("similarity", 3, 5, 7) == 6 * 3 * 5 * 7
+
+
+def _target_row(impl, total_ms, x_floor, speedup, extra_mib):
+    case = bench_contrastive.TARGET_CASE_CPU
+    return {"impl": impl, "n": case.n, "m": case.m, "d": case.d, "dtype": case.dtype, "status": "ok",
+            "total_median_ms": total_ms, "x_floor": x_floor, "speedup_vs_naive": speedup,
+            "extra_mib": extra_mib}
+
+
+def test_targets_are_checked_on_the_rows_of_the_run():
+    rows = [_target_row("naive", 20000, 2.5, 1.0, 4000), _target_row("torch", 9000, 1.2, 2.2, 100),
+            _target_row("cpu", 9500, 1.05, 2.1, 150)]
+    lines = bench_contrastive.check_targets(rows, "cpu")
+    assert len(lines) == 2
+    torch_line, cpu_line = lines
+    assert torch_line.startswith("target torch N=16384") and torch_line.endswith("-> met")
+    # cpu meets its own limits but is slower than the torch backend in this run.
+    assert "vs torch 0.95 > 1 MISSED" in cpu_line and cpu_line.endswith("-> NOT met")
+    assert bench_contrastive.check_targets(rows, "cuda") == []
+    assert bench_contrastive.check_targets(rows[:1], "cpu") == []  # cases not measured: no line
