@@ -35,6 +35,7 @@ constexpr bool kHalfGemmToFloat = false;
 #endif
 
 constexpr int64_t kBandBytes = int64_t{256} << 20;
+constexpr int64_t kMaxGridY = 65535;
 std::atomic<int64_t> g_band_rows{0};
 
 DType dtype_of(at::ScalarType type) {
@@ -52,7 +53,8 @@ int64_t band_rows(int64_t n, int64_t bytes_per_row) {
   int64_t rows = g_band_rows.load();
   if (rows <= 0) rows = kBandBytes / std::max<int64_t>(1, bytes_per_row);
   rows = std::max<int64_t>(kTileRows, rows / kTileRows * kTileRows);
-  return std::min(rows, n);
+  // The backward's grid has a band's row tiles on y, which holds at most 65535 blocks.
+  return std::min({rows, n, kMaxGridY * kTileRows});
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
