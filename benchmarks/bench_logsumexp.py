@@ -14,7 +14,6 @@ their largest magnitude.
 
 from __future__ import annotations
 
-import dataclasses
 import torch
 
 from benchmarks import harness, implementations
@@ -27,12 +26,7 @@ SUITE_ORDER = 30
 SUITE_WEIGHT = 1.0
 
 
-def default_cases(device: str, quick: bool) -> list[Case]:
-    if quick:
-        return [Case(1024, 1024, 64, "float32")]
-    if device == "cuda":
-        return [Case(n, n, 768, dtype) for dtype in ("bfloat16", "float32") for n in (8192, 32768)]
-    return [Case(n, n, 512, "float32") for n in (2048, 4096)]
+default_cases = harness.secondary_cases
 
 
 def impls_for(device: str, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
@@ -89,9 +83,7 @@ def run(cases: list[Case], options: SuiteOptions) -> list[dict]:
 
 
 def run_suite(options: SuiteOptions) -> list[dict]:
-    if options.quick and options.impls is None:  # CI: compile is covered by bench_contrastive
-        options = dataclasses.replace(options, impls=[n for n in impls_for(options.device, None)[0]
-                                                      if not n.startswith("compile(")])
+    options = harness.without_compile_when_quick(options, impls_for(options.device, None)[0])
     return run(default_cases(options.device, options.quick), options)
 
 

@@ -28,12 +28,7 @@ SUITE_ORDER = 50
 SUITE_WEIGHT = 1.0
 
 
-def default_cases(device: str, quick: bool) -> list[Case]:
-    if quick:
-        return [Case(1024, 1024, 64, "float32")]
-    if device == "cuda":
-        return [Case(n, n, 768, dtype) for dtype in ("bfloat16", "float32") for n in (8192, 32768)]
-    return [Case(n, n, 512, "float32") for n in (2048, 4096)]
+default_cases = harness.secondary_cases
 
 
 def impls_for(device: str, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:

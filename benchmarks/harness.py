@@ -535,6 +535,24 @@ def default_reps(device: str) -> tuple[int, float]:
     return (25, 0.4) if device == "cuda" else (3, 30.0)
 
 
+def secondary_cases(device: str, quick: bool) -> list[Case]:
+    """The sizes of the suites beside the contrastive loss (logsumexp, similarity,
+    siglip): fewer than its, since it carries the targets."""
+    if quick:
+        return [Case(1024, 1024, 64, "float32")]
+    if device == "cuda":
+        return [Case(n, n, 768, dtype) for dtype in ("bfloat16", "float32") for n in (8192, 32768)]
+    return [Case(n, n, 512, "float32") for n in (2048, 4096)]
+
+
+def without_compile_when_quick(options: SuiteOptions, impls: list[str]) -> SuiteOptions:
+    """CI's quick run times torch.compile in the contrastive suite only: the
+    other suites leave out their compile(...) implementations unless asked for."""
+    if not options.quick or options.impls is not None:
+        return options
+    return dataclasses.replace(options, impls=[n for n in impls if not n.startswith("compile(")])
+
+
 def run_op_suite(*, module: str, op: str, title: str, cases: list[Case], impls: list[str],
                  notes: dict[str, str], options: SuiteOptions, baseline: str = "naive",
                  kind: Callable[[str], str] = lambda name: "mmkernels",

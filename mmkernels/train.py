@@ -504,7 +504,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, RuntimeError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     try:
-        return trainer.run()
+        code = trainer.run()
+        if trainer.world_size > 1:
+            # No rank tears the group down while another still talks to it (a gloo
+            # peer that vanishes mid-exchange aborts the other process). Only on
+            # success: after an error the other ranks may never arrive.
+            torch.distributed.barrier()
+        return code
     finally:
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
