@@ -6,6 +6,9 @@
 // Backward: per band of rows, lse_bwd_band writes P (band x M, about 256 MiB), then
 // pb[band] = P @ Bh and pa += P^T @ Ah[band] with cuBLAS (at::mm): S is
 // recomputed once, 4 GEMM-equivalents in all, extra memory one band of P.
+// SigLIP: the forward sums each row's losses in one pass over S (no scratch);
+// the backward is the primitive's, with P from siglip_bwd_band and p_row from
+// its per-tile row sums.
 // Everything runs on the current CUDA stream of the inputs' device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -167,6 +170,61 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
   return {pb, pa};
 }
 
+Tensor siglip_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, bool normalize,
+                     bool positives_on_diagonal) {
+  const char* op = "cpp_siglip_fwd";
+  check_pair(op, a, b, scale);
+  check_scalar(op, "bias", bias, a);
+  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= std::numeric_limits<int32_t>::max(), op, ": too many rows of a (",
+              a.size(0), ") for one grid");
+  const c10::cuda::CUDAGuard guard(a.device());
+  const Prepared p = prepare(a, b, scale, normalize);
+  const auto compute = compute_dtype(a.scalar_type());
+  const Tensor shift = bias.reshape({}).to(compute).contiguous();
+  Tensor row = at::empty({a.size(0)}, a.options().dtype(compute));
+  C10_CUDA_CHECK(siglip_fwd(p.x, shift.data_ptr(), positives_on_diagonal, row.data_ptr(),
+                            c10::cuda::getCurrentCUDAStream()));
+  return row;
+}
+
+std::tuple<Tensor, Tensor, Tensor> siglip_bwd_op(const Tensor& a, const Tensor& b, const Tensor& scale,
+                                                 const Tensor& bias, bool normalize, bool positives_on_diagonal,
+                                                 const Tensor& g_row) {
+  const char* op = "cpp_siglip_bwd";
+  check_pair(op, a, b, scale);
+  check_scalar(op, "bias", bias, a);
+  check_vector(op, "g_row", g_row, a.size(0), a);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const Prepared p = prepare(a, b, scale, normalize);
+  const int64_t n = a.size(0), m = b.size(0), d = a.size(1);
+  const auto compute = compute_dtype(a.scalar_type());
+  const auto opts = a.options().dtype(compute);
+  // P and its product operands as in lse_bwd: bf16 for bf16 inputs, else the compute dtype.
+  const auto p_type = (a.scalar_type() == at::kBFloat16 && kHalfGemmToFloat) ? at::kBFloat16 : compute;
+  const Tensor ah = scaled_operand(a, normalize, p_type), bh = scaled_operand(b, normalize, p_type);
+  const Tensor shift = bias.reshape({}).to(compute).contiguous();
+  const Tensor gr = g_row.to(compute).contiguous();
+  Tensor pb = at::empty({n, d}, opts), pa = at::empty({m, d}, opts), p_row = at::empty({n}, opts);
+  // A row of the band: its row of P and its row sums per 64 columns; at most
+  // 65535 row blocks (the grid's y limit).
+  const int64_t col_blocks = ceil_div(m, kTileCols);
+  const int64_t band = std::min(band_rows(n, m * at::elementSize(p_type) + col_blocks * at::elementSize(compute)),
+                                int64_t{65535} * kTileRows);
+  Tensor pband = at::empty({band, m}, a.options().dtype(p_type));
+  Tensor part = at::empty({band, col_blocks}, opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t r0 = 0; r0 < n; r0 += band) {
+    const int64_t rows = std::min(band, n - r0);
+    C10_CUDA_CHECK(siglip_bwd_band(p.x, r0, rows, shift.data_ptr(), positives_on_diagonal, gr.data_ptr(),
+                                   pband.data_ptr(), dtype_of(p_type), part.data_ptr(), stream));
+    p_row.narrow(0, r0, rows).copy_(part.narrow(0, 0, rows).sum(1));
+    const Tensor pv = pband.narrow(0, 0, rows);
+    gemm_into(pb.narrow(0, r0, rows), pv, bh, /*accumulate=*/false);
+    gemm_into(pa, pv.t(), ah.narrow(0, r0, rows), /*accumulate=*/r0 > 0);
+  }
+  return {pb, pa, p_row};
+}
+
 Tensor similarity_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale) {
   check_pair("cpp_similarity_fwd", a, b, scale);
   TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= 65535, "cpp_similarity_fwd: at most ",
@@ -205,6 +263,8 @@ int64_t set_band_rows(int64_t rows) { return g_band_rows.exchange(rows); }
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
   m.impl("cpp_lse_fwd", &lse_fwd);
   m.impl("cpp_lse_bwd", &lse_bwd);
+  m.impl("cpp_siglip_fwd", &siglip_fwd_op);
+  m.impl("cpp_siglip_bwd", &siglip_bwd_op);
   m.impl("cpp_similarity_fwd", &similarity_fwd_op);
   m.impl("cpp_similarity_bwd", &similarity_bwd_op);
 }
