@@ -22,7 +22,7 @@ import torch
 import mmkernels
 from mmkernels import _extension
 from mmkernels.ops import siglip
-from test_cpp import cpu_tiles, isa  # noqa: F401  (fixtures)
+from test_cpp import cpu_tiles, cuda_bands, isa  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(not _extension.cpu_built(),
                                 reason=f"extension not built: {_extension.why_unavailable()}")
@@ -255,20 +255,12 @@ def test_peak_memory_flat_in_n():
 needs_cuda_ext = pytest.mark.skipif(not _extension.cuda_built(), reason="built without the CUDA kernels")
 
 
-@pytest.fixture
-def cuda_bands():
-    """Rows per band of the CUDA kernels (so small shapes span several bands), restored after."""
-    previous = _extension._C.set_cuda_band_rows(0)
-    yield _extension._C.set_cuda_band_rows
-    _extension._C.set_cuda_band_rows(previous)
-
-
 @pytest.mark.cuda
 @needs_cuda_ext
 @pytest.mark.parametrize("n,m,d", [(1, 1, 1), (9, 4, 3), (63, 65, 17), (130, 70, 200), (70, 130, 40)])
 @pytest.mark.parametrize("positives", [True, False])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_cuda_contract(cuda_bands, n, m, d, positives, normalize):
+def test_cuda_contract(cuda_bands, n, m, d, positives, normalize):  # noqa: F811
     cuda_bands(64)
     a, b = torch.randn(n, d, device="cuda") * 2, torch.randn(m, d, device="cuda")
     scale, bias = torch.tensor(7.0, device="cuda"), torch.tensor(-3.0, device="cuda")
@@ -291,7 +283,7 @@ def test_cuda_large_scale_unnormalized():
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_cuda_loss_dtypes(cuda_bands, dtype, normalize):
+def test_cuda_loss_dtypes(cuda_bands, dtype, normalize):  # noqa: F811
     """The public loss on the cuda backend against the fp64 reference (tolerance table)."""
     from harness import compare
     import siglip_reference as reference
