@@ -243,11 +243,12 @@ def _extra_peak_mib(n: int, d: int) -> float:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_flat_in_n():
     """fwd + bwd at N = 12288 (S would be 576 MiB) adds O(N * D) beyond the
-    inputs and their gradients: a few copies of the features (6 MiB each) and
-    per-thread tiles, about what N = 2048 adds."""
-    small, large = _extra_peak_mib(2048, 128), _extra_peak_mib(12288, 128)
-    assert large < 96, f"N = 12288 added {large:.0f} MiB of peak RSS (S alone is 576 MiB)"
-    assert large - small < 64, f"peak RSS grew {large - small:.0f} MiB from N = 2048 to 12288"
+    inputs and their gradients: a few copies of the features (3 MiB each) and
+    per-thread tiles, about what N = 1024 adds. (tests/test_siglip.py checks
+    one size against the naive backend's matrix, which the probe does see.)"""
+    small, large = _extra_peak_mib(1024, 64), _extra_peak_mib(12288, 64)
+    assert large < 64, f"N = 12288 added {large:.0f} MiB of peak RSS (S alone is 576 MiB)"
+    assert large - small < 32, f"peak RSS grew {large - small:.0f} MiB from N = 1024 to 12288"
 
 
 # --- CUDA kernels (run where a GPU is present) ------------------------------------------
