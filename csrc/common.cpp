@@ -24,6 +24,11 @@ void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b, const 
               " on ", scale.device());
 }
 
+void check_scalar(const char* op, const char* name, const at::Tensor& t, const at::Tensor& a) {
+  TORCH_CHECK(t.numel() == 1 && t.device() == a.device(), op, ": ", name, " must be a one-element tensor on ",
+              a.device(), ", got shape ", t.sizes(), " on ", t.device());
+}
+
 void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t numel,
                   const at::Tensor& a) {
   TORCH_CHECK(t.dim() == 1 && t.numel() == numel && t.device() == a.device(), op, ": ", name,

@@ -16,6 +16,9 @@ at::ScalarType compute_dtype(at::ScalarType dtype);
 // a (N, D) and b (M, D): floating, same dtype, device and D; scale: one element.
 void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale);
 
+// `t` (SigLIP's bias) is one element on a's device.
+void check_scalar(const char* op, const char* name, const at::Tensor& t, const at::Tensor& a);
+
 // `t` has `numel` elements, on a's device (per-row statistics and gradients).
 void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t numel,
                   const at::Tensor& a);

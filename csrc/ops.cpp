@@ -2,7 +2,7 @@
 // the Python module object, whose import registers the kernels of csrc/cpu
 // (and csrc/cuda when built with them) with the dispatcher.
 //
-// Op contract: mmkernels/ops/logsumexp.py (primitive) and similarity.py.
+// Op contract: mmkernels/ops/logsumexp.py (primitive), siglip.py and similarity.py.
 // Autograd formulas and fake kernels are attached in Python
 // (mmkernels/ops/cpp.py); one op serves the cpu and cuda backends, dispatched
 // on the tensors' device.
@@ -20,6 +20,12 @@ TORCH_LIBRARY_FRAGMENT(mmkernels, m) {
   m.def(
       "cpp_lse_bwd(Tensor a, Tensor b, Tensor scale, bool normalize, Tensor row_lse, "
       "Tensor col_lse, Tensor g_row, Tensor g_col) -> (Tensor, Tensor)");
+  m.def(
+      "cpp_siglip_fwd(Tensor a, Tensor b, Tensor scale, Tensor bias, bool normalize, "
+      "bool positives_on_diagonal) -> Tensor");
+  m.def(
+      "cpp_siglip_bwd(Tensor a, Tensor b, Tensor scale, Tensor bias, bool normalize, "
+      "bool positives_on_diagonal, Tensor g_row) -> (Tensor, Tensor, Tensor)");
   m.def("cpp_similarity_fwd(Tensor a, Tensor b, Tensor scale) -> Tensor");
   m.def("cpp_similarity_bwd(Tensor a, Tensor b, Tensor scale, Tensor grad) -> (Tensor, Tensor)");
 }

@@ -1,6 +1,6 @@
 // The portable tile kernels (double, and float on CPUs without AVX2) and the
 // choice of the float kernels at run time. Same algorithm as
-// tile_ops_simd.inc, one element at a time, with std::exp.
+// tile_ops_simd.inc, one element at a time, with std::exp and std::log1p.
 #include "tile_ops.h"
 
 #include <atomic>
@@ -67,6 +67,58 @@ void softmax_grad(T* s, int64_t rows, int64_t cols, int64_t ld, const T* row_lse
   }
 }
 
+// softplus(u) = log(1 + exp(u)) = max(u, 0) + log1p(exp(-|u|)): no overflow for
+// any u, full relative precision where it is tiny (mmkernels/ops/siglip.py).
+template <typename T>
+T softplus(T u) {
+  return (u > 0 ? u : T(0)) + std::log1p(std::exp(-std::abs(u)));
+}
+
+// sigmoid(u) from exp(-|u|) <= 1: no overflow, full relative precision where it is tiny.
+template <typename T>
+T sigmoid(T u) {
+  const T e = std::exp(-std::abs(u));
+  return (u >= 0 ? T(1) : e) / (T(1) + e);
+}
+
+// Row r's positive column in a tile (tile_ops.h), or `cols` when it has none there.
+int64_t positive_col(bool positives, int64_t diag, int64_t r, int64_t cols) {
+  const int64_t c = r + diag;
+  return positives && c >= 0 && c < cols ? c : cols;
+}
+
+template <typename T>
+void siglip_loss(const T* s, int64_t rows, int64_t cols, int64_t ld, T bias, bool positives,
+                 int64_t diag, T* row_loss) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* si = s + i * ld;
+    const int64_t pos = positive_col(positives, diag, i, cols);
+    T acc = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const T x = si[j] + bias;
+      acc += softplus(j == pos ? -x : x);
+    }
+    row_loss[i] += acc;
+  }
+}
+
+template <typename T>
+void siglip_grad(T* s, int64_t rows, int64_t cols, int64_t ld, T bias, bool positives, int64_t diag,
+                 const T* g_row, T* p_row) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* si = s + i * ld;
+    const int64_t pos = positive_col(positives, diag, i, cols);
+    T acc = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const T x = si[j] + bias;
+      // A positive's sigmoid(x) - 1 as -sigmoid(-x): no cancellation once the pair is learnt.
+      si[j] = g_row[i] * (j == pos ? -sigmoid(-x) : sigmoid(x));
+      acc += si[j];
+    }
+    p_row[i] += acc;
+  }
+}
+
 bool cpu_supports(const char* isa) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   // __builtin_cpu_supports also checks that the OS saves the vector registers.
@@ -99,7 +151,7 @@ std::atomic<const TileOps<float>*> g_f32{nullptr};
 
 template <typename T>
 TileOps<T> generic_tile_ops() {
-  return {&fold_stats<T>, &softmax_grad<T>, "generic"};
+  return {&fold_stats<T>, &softmax_grad<T>, &siglip_loss<T>, &siglip_grad<T>, "generic"};
 }
 template TileOps<float> generic_tile_ops<float>();
 template TileOps<double> generic_tile_ops<double>();

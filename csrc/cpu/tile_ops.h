@@ -9,6 +9,15 @@
 //   softmax_grad   backward: overwrite the tile S with
 //                  P = g_row * exp(S - row_lse) + g_col * exp(S - col_lse)
 //                  (2 exps per logit)
+//   siglip_loss    SigLIP forward: add each row's sum of softplus(-z * (s + bias))
+//                  to its running loss (1 exp, 1 log1p per logit)
+//   siglip_grad    SigLIP backward: overwrite the tile with
+//                  P = g_row * (sigmoid(s + bias) - [positive]) and add each
+//                  row's sum of P to p_row (1 exp per logit)
+//
+// SigLIP's positive pairs (z = +1; mmkernels/ops/siglip.py) are one diagonal of
+// the tile: row r's is column r + diag when `positives` and 0 <= r + diag < cols
+// (diag = the tile's first global row minus its first global column).
 //
 // float has SIMD versions (AVX-512, AVX2+FMA; x86-64 with GCC or clang), chosen
 // at run time from what the CPU supports, so the distributed binary needs no
@@ -29,6 +38,10 @@ struct TileOps {
                      T* row_sum, T* col_max, T* col_sum, T* work);
   void (*softmax_grad)(T* s, int64_t rows, int64_t cols, int64_t ld, const T* row_lse,
                        const T* g_row, const T* col_lse, const T* g_col);
+  void (*siglip_loss)(const T* s, int64_t rows, int64_t cols, int64_t ld, T bias, bool positives,
+                      int64_t diag, T* row_loss);
+  void (*siglip_grad)(T* s, int64_t rows, int64_t cols, int64_t ld, T bias, bool positives,
+                      int64_t diag, const T* g_row, T* p_row);
   const char* isa;  // "avx512", "avx2" or "generic"
 };
 

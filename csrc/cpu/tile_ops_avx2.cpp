@@ -59,11 +59,12 @@ struct V {
 inline V operator+(V a, V b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline V operator-(V a, V b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline V operator*(V a, V b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline V operator/(V a, V b) { return {_mm256_div_ps(a.v, b.v)}; }
 
 #include "tile_ops_simd.inc"
 
 // Constant-initialized: taking the addresses runs no AVX2 code.
-const TileOps<float> kOps = {&fold_stats<V>, &softmax_grad<V>, "avx2"};
+const TileOps<float> kOps = {&fold_stats<V>, &softmax_grad<V>, &siglip_loss<V>, &siglip_grad<V>, "avx2"};
 
 }  // namespace
 }  // namespace mmkernels::cpu

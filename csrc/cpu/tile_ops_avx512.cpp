@@ -50,11 +50,12 @@ struct V {
 inline V operator+(V a, V b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline V operator-(V a, V b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline V operator*(V a, V b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline V operator/(V a, V b) { return {_mm512_div_ps(a.v, b.v)}; }
 
 #include "tile_ops_simd.inc"
 
 // Constant-initialized: taking the addresses runs no AVX-512 code.
-const TileOps<float> kOps = {&fold_stats<V>, &softmax_grad<V>, "avx512"};
+const TileOps<float> kOps = {&fold_stats<V>, &softmax_grad<V>, &siglip_loss<V>, &siglip_grad<V>, "avx512"};
 
 }  // namespace
 }  // namespace mmkernels::cpu

@@ -11,6 +11,9 @@
 //   lse_bwd_p_kernel   P for one tile, written out (the host multiplies P by
 //                      the operands with cuBLAS)
 //   similarity_kernel  the rank-1 rescaled tile, rounded to the output dtype
+//   siglip_fwd_kernel  a block walks its 64 rows across all column tiles,
+//                      two threads a row (one per half tile) summing softplus
+//   siglip_bwd_p_kernel  SigLIP's P for one tile, written out, and its row sums
 //
 // Simple by design: plain global loads (zero-filled past the edges), no
 // asynchronous copies or software pipelining.
@@ -51,6 +54,8 @@ __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
 __device__ __forceinline__ float log_(float x) { return logf(x); }
 __device__ __forceinline__ double log_(double x) { return log(x); }
+__device__ __forceinline__ float log1p_(float x) { return log1pf(x); }
+__device__ __forceinline__ double log1p_(double x) { return log1p(x); }
 __device__ __forceinline__ float neg_inf(float) { return -CUDART_INF_F; }
 __device__ __forceinline__ double neg_inf(double) { return -CUDART_INF; }
 
@@ -61,6 +66,21 @@ __device__ __forceinline__ A safe_shift(A m) { return m == neg_inf(m) ? A(0) : m
 
 template <typename A>
 __device__ __forceinline__ A max_(A x, A y) { return x > y ? x : y; }
+
+template <typename A>
+__device__ __forceinline__ A abs_(A x) { return x < A(0) ? -x : x; }
+
+// softplus(u) = max(u, 0) + log1p(exp(-|u|)): no overflow, full relative
+// precision where it is tiny (mmkernels/ops/siglip.py). NaN for NaN.
+template <typename A>
+__device__ __forceinline__ A softplus(A u) { return max_(u, A(0)) + log1p_(exp_(-abs_(u))); }
+
+// sigmoid(u) from e = exp(-|u|) <= 1: no overflow, tiny values keep their relative precision.
+template <typename A>
+__device__ __forceinline__ A sigmoid(A u) {
+  const A e = exp_(-abs_(u));
+  return (u >= A(0) ? A(1) : e) / (A(1) + e);
+}
 
 // --- tile products: C[i][j] = <a_{row0+i}, b_{col0+j}>, zero past the edges ---------
 
@@ -301,6 +321,87 @@ lse_bwd_p_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t m, in
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
+siglip_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n, int64_t m, int64_t d,
+                  const typename AccOf<T>::type* ra, const typename AccOf<T>::type* rb,
+                  const typename AccOf<T>::type* scale, const typename AccOf<T>::type* bias, bool positives,
+                  typename AccOf<T>::type* row_loss) {
+  using Tile = typename TileFor<T>::type;
+  using A = typename AccOf<T>::type;
+  MMK_SHARED_TILE(Tile, slices, c);
+  __shared__ A second_half[BM];
+  constexpr int kHalf = BN / 2;
+  const int t = threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int rows = static_cast<int>(n - r0 < BM ? n - r0 : BM);
+  // Thread t sums row t % 64 over half t / 64 of every tile's columns.
+  const int i = t % BM, half = t / BM;
+  const int64_t gi = r0 + i;
+  const bool owns_row = i < rows;
+  const A sa = owns_row ? row_factor(scale, ra, gi) : A(0);
+  const A shift = *bias;
+  A sum = 0;
+  for (int64_t c0 = 0; c0 < m; c0 += BN) {
+    Tile::compute(a, b, n, m, d, r0, c0, slices, c);
+    __syncthreads();
+    const int cols = static_cast<int>(m - c0 < BN ? m - c0 : BN);
+    const int j1 = cols < (half + 1) * kHalf ? cols : (half + 1) * kHalf;
+    if (owns_row) {
+      for (int j = half * kHalf; j < j1; ++j) {
+        const int64_t gj = c0 + j;
+        const A x = sa * col_factor(rb, gj) * c[i][j] + shift;
+        sum += softplus(positives && gj == gi ? -x : x);
+      }
+    }
+    __syncthreads();  // the next tile overwrites c
+  }
+  // The halves meet in a fixed order: the result does not depend on scheduling.
+  if (half == 1) second_half[i] = sum;
+  __syncthreads();
+  if (half == 0 && owns_row) row_loss[gi] = sum + second_half[i];
+}
+
+template <typename T, typename P>
+__global__ void __launch_bounds__(kThreads)
+siglip_bwd_p_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t m, int64_t d,
+                    const typename AccOf<T>::type* ra, const typename AccOf<T>::type* rb,
+                    const typename AccOf<T>::type* scale, const typename AccOf<T>::type* bias, bool positives,
+                    int64_t row0, int64_t band_end, const typename AccOf<T>::type* g_row, P* p,
+                    typename AccOf<T>::type* part) {
+  using Tile = typename TileFor<T>::type;
+  using A = typename AccOf<T>::type;
+  MMK_SHARED_TILE(Tile, slices, c);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t r0 = row0 + static_cast<int64_t>(blockIdx.y) * BM;
+  Tile::compute(a, b, band_end, m, d, r0, c0, slices, c);
+  __syncthreads();
+  const A shift = *bias;
+  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+    const int i = e / BN, j = e % BN;  // consecutive threads: consecutive columns
+    const int64_t gi = r0 + i, gj = c0 + j;
+    A value = 0;
+    if (gi < band_end && gj < m) {
+      const A x = row_factor(scale, ra, gi) * col_factor(rb, gj) * c[i][j] + shift;
+      // A positive's sigmoid(x) - 1 as -sigmoid(-x): no cancellation once the pair is learnt.
+      value = g_row[gi] * (positives && gi == gj ? -sigmoid(-x) : sigmoid(x));
+      if constexpr (sizeof(P) == sizeof(A)) {
+        p[(gi - row0) * m + gj] = value;
+      } else {
+        p[(gi - row0) * m + gj] = from_float<P>(value);
+      }
+    }
+    c[i][j] = value;  // this thread's own entry: kept for the row sums
+  }
+  __syncthreads();
+  const int i = threadIdx.x;
+  if (i < BM && r0 + i < band_end) {
+    A sum = 0;
+    for (int j = 0; j < BN; ++j) sum += c[i][j];  // zero past the last column
+    part[(r0 + i - row0) * gridDim.x + blockIdx.x] = sum;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
 similarity_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n, int64_t m, int64_t d,
                   const typename AccOf<T>::type* ra, const typename AccOf<T>::type* rb,
                   const typename AccOf<T>::type* scale, T* out) {
@@ -350,6 +451,30 @@ cudaError_t launch_bwd(const Operands& x, int64_t row0, int64_t rows, const void
       static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), row0, row0 + rows,
       static_cast<const A*>(row_lse), static_cast<const A*>(g_row), static_cast<const A*>(col_lse),
       static_cast<const A*>(g_col), static_cast<P*>(p));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_siglip_fwd(const Operands& x, const void* bias, bool positives, void* row_loss,
+                              cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const dim3 grid(static_cast<unsigned>(blocks_for(x.n, BM)));
+  siglip_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(
+      static_cast<const T*>(x.a), static_cast<const T*>(x.b), x.n, x.m, x.d, static_cast<const A*>(x.ra),
+      static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), static_cast<const A*>(bias), positives,
+      static_cast<A*>(row_loss));
+  return cudaGetLastError();
+}
+
+template <typename T, typename P>
+cudaError_t launch_siglip_bwd(const Operands& x, int64_t row0, int64_t rows, const void* bias, bool positives,
+                              const void* g_row, void* p, void* part, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const dim3 grid(static_cast<unsigned>(blocks_for(x.m, BN)), static_cast<unsigned>(blocks_for(rows, BM)));
+  siglip_bwd_p_kernel<T, P><<<grid, kThreads, 0, stream>>>(
+      static_cast<const T*>(x.a), static_cast<const T*>(x.b), x.m, x.d, static_cast<const A*>(x.ra),
+      static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), static_cast<const A*>(bias), positives, row0,
+      row0 + rows, static_cast<const A*>(g_row), static_cast<P*>(p), static_cast<A*>(part));
   return cudaGetLastError();
 }
 
@@ -405,6 +530,36 @@ cudaError_t lse_bwd_band(const Operands& x, int64_t row0, int64_t rows, const vo
       return launch_bwd<float, float>(x, row0, rows, row_lse, g_row, col_lse, g_col, p, stream);
     case DType::kDouble:
       return launch_bwd<double, double>(x, row0, rows, row_lse, g_row, col_lse, g_col, p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t siglip_fwd(const Operands& x, const void* bias, bool positives, void* row_loss,
+                       cudaStream_t stream) {
+  switch (x.dtype) {
+    case DType::kHalf: return launch_siglip_fwd<__half>(x, bias, positives, row_loss, stream);
+    case DType::kBFloat16: return launch_siglip_fwd<__nv_bfloat16>(x, bias, positives, row_loss, stream);
+    case DType::kFloat: return launch_siglip_fwd<float>(x, bias, positives, row_loss, stream);
+    case DType::kDouble: return launch_siglip_fwd<double>(x, bias, positives, row_loss, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t siglip_bwd_band(const Operands& x, int64_t row0, int64_t rows, const void* bias, bool positives,
+                            const void* g_row, void* p, DType p_dtype, void* part, cudaStream_t stream) {
+  const bool bf16_p = p_dtype == DType::kBFloat16;
+  switch (x.dtype) {
+    case DType::kHalf:
+      return launch_siglip_bwd<__half, float>(x, row0, rows, bias, positives, g_row, p, part, stream);
+    case DType::kBFloat16:
+      return bf16_p ? launch_siglip_bwd<__nv_bfloat16, __nv_bfloat16>(x, row0, rows, bias, positives, g_row, p,
+                                                                       part, stream)
+                    : launch_siglip_bwd<__nv_bfloat16, float>(x, row0, rows, bias, positives, g_row, p, part,
+                                                               stream);
+    case DType::kFloat:
+      return launch_siglip_bwd<float, float>(x, row0, rows, bias, positives, g_row, p, part, stream);
+    case DType::kDouble:
+      return launch_siglip_bwd<double, double>(x, row0, rows, bias, positives, g_row, p, part, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -50,6 +50,21 @@ cudaError_t lse_bwd_band(const Operands& x, int64_t row0, int64_t rows, const vo
                          const void* g_row, const void* col_lse, const void* g_col, void* p,
                          DType p_dtype, cudaStream_t stream);
 
+// SigLIP (mmkernels/ops/siglip.py): x[i, j] = S[i, j] + bias, `bias` one
+// compute-dtype value on the device; the positive pairs are i == j when
+// `positives`, none otherwise.
+//
+// Forward: row_loss (n,) = sum_j softplus(-z[i, j] * x[i, j]), one block per 64
+// rows walking every column tile (deterministic: no atomics).
+cudaError_t siglip_fwd(const Operands& x, const void* bias, bool positives, void* row_loss,
+                       cudaStream_t stream);
+
+// Backward over a band of rows: P[i - row0, j] = g_row[i] * (sigmoid(x[i, j]) - [i, j positive])
+// into p (rows, m) of dtype p_dtype (as lse_bwd_band), and the row sums of P per
+// 64 columns, in the compute dtype before P's rounding, into part (rows, ceil(m / 64)).
+cudaError_t siglip_bwd_band(const Operands& x, int64_t row0, int64_t rows, const void* bias, bool positives,
+                            const void* g_row, void* p, DType p_dtype, void* part, cudaStream_t stream);
+
 // normalized_similarity: out (n, m) in the input dtype = S (ra and rb given).
 cudaError_t similarity_fwd(const Operands& x, void* out, cudaStream_t stream);
 

@@ -6,6 +6,9 @@
 // Backward: per band of rows, lse_bwd_band writes P (band x M, about 256 MiB), then
 // pb[band] = P @ Bh and pa += P^T @ Ah[band] with cuBLAS (at::mm): S is
 // recomputed once, 4 GEMM-equivalents in all, extra memory one band of P.
+// SigLIP: the forward sums each row's losses in one pass over S (no scratch);
+// the backward is the primitive's, with P from siglip_bwd_band and p_row from
+// its per-tile row sums.
 // Everything runs on the current CUDA stream of the inputs' device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -106,6 +109,34 @@ void gemm_into(Tensor out, const Tensor& m1, const Tensor& m2, bool accumulate) 
 #endif
 }
 
+// The backward's products, one band of rows at a time: write_p(r0, rows, p,
+// p_dtype) fills rows [r0, r0 + rows) of P into p (rows, m), then
+// pb[band] = P @ Bh and pa += P^T @ Ah[band]. P and the operands of its
+// products are bf16 for bf16 inputs (tensor cores, fp32 accumulation and
+// output; bf16 has fp32's range, so small P entries do not flush), else the
+// compute dtype. `scratch_per_row`: bytes write_p needs besides a row of P.
+template <typename WriteP>
+std::tuple<Tensor, Tensor> backward_bands(const Tensor& a, const Tensor& b, bool normalize,
+                                          int64_t scratch_per_row, WriteP&& write_p) {
+  const int64_t n = a.size(0), m = b.size(0), d = a.size(1);
+  const auto compute = compute_dtype(a.scalar_type());
+  const auto p_type = (a.scalar_type() == at::kBFloat16 && kHalfGemmToFloat) ? at::kBFloat16 : compute;
+  const Tensor ah = scaled_operand(a, normalize, p_type), bh = scaled_operand(b, normalize, p_type);
+  Tensor pb = at::empty({n, d}, a.options().dtype(compute)), pa = at::empty({m, d}, a.options().dtype(compute));
+  // At most 65535 blocks of 64 rows a band: the grid's y limit.
+  const int64_t band = std::min(band_rows(n, m * at::elementSize(p_type) + scratch_per_row),
+                                int64_t{65535} * kTileRows);
+  Tensor pband = at::empty({band, m}, a.options().dtype(p_type));
+  for (int64_t r0 = 0; r0 < n; r0 += band) {
+    const int64_t rows = std::min(band, n - r0);
+    write_p(r0, rows, pband.data_ptr(), dtype_of(p_type));
+    const Tensor pv = pband.narrow(0, 0, rows);
+    gemm_into(pb.narrow(0, r0, rows), pv, bh, /*accumulate=*/false);
+    gemm_into(pa, pv.t(), ah.narrow(0, r0, rows), /*accumulate=*/r0 > 0);
+  }
+  return {pb, pa};
+}
+
 std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
   check_pair("cpp_lse_fwd", a, b, scale);
   const c10::cuda::CUDAGuard guard(a.device());
@@ -144,29 +175,61 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
   check_vector(op, "g_col", g_col, b.size(0), a);
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
-  const int64_t n = a.size(0), m = b.size(0), d = a.size(1);
   const auto compute = compute_dtype(a.scalar_type());
-  const auto opts = a.options().dtype(compute);
-  // P and the operands of its products: bf16 for bf16 inputs (tensor cores,
-  // fp32 accumulation and output; bf16 has fp32's range, so small P entries
-  // do not flush), else the compute dtype.
-  const auto p_type = (a.scalar_type() == at::kBFloat16 && kHalfGemmToFloat) ? at::kBFloat16 : compute;
-  const Tensor ah = scaled_operand(a, normalize, p_type), bh = scaled_operand(b, normalize, p_type);
   auto vec = [&](const Tensor& t) { return t.to(compute).contiguous(); };
   const Tensor rl = vec(row_lse), cl = vec(col_lse), gr = vec(g_row), gc = vec(g_col);
-  Tensor pb = at::empty({n, d}, opts), pa = at::empty({m, d}, opts);
-  const int64_t band = band_rows(n, m * at::elementSize(p_type));  // a row of P
-  Tensor pband = at::empty({band, m}, a.options().dtype(p_type));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t r0 = 0; r0 < n; r0 += band) {
-    const int64_t rows = std::min(band, n - r0);
+  return backward_bands(a, b, normalize, 0, [&](int64_t r0, int64_t rows, void* pband, DType p_dtype) {
     C10_CUDA_CHECK(lse_bwd_band(p.x, r0, rows, rl.data_ptr(), gr.data_ptr(), cl.data_ptr(), gc.data_ptr(),
-                                pband.data_ptr(), dtype_of(p_type), stream));
-    const Tensor pv = pband.narrow(0, 0, rows);
-    gemm_into(pb.narrow(0, r0, rows), pv, bh, /*accumulate=*/false);
-    gemm_into(pa, pv.t(), ah.narrow(0, r0, rows), /*accumulate=*/r0 > 0);
-  }
-  return {pb, pa};
+                                pband, p_dtype, stream));
+  });
+}
+
+Tensor siglip_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, bool normalize,
+                     bool positives_on_diagonal) {
+  const char* op = "cpp_siglip_fwd";
+  check_pair(op, a, b, scale);
+  check_scalar(op, "bias", bias, a);
+  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= std::numeric_limits<int32_t>::max(), op, ": too many rows of a (",
+              a.size(0), ") for one grid");
+  const c10::cuda::CUDAGuard guard(a.device());
+  const Prepared p = prepare(a, b, scale, normalize);
+  const auto compute = compute_dtype(a.scalar_type());
+  const Tensor shift = bias.reshape({}).to(compute).contiguous();
+  Tensor row = at::empty({a.size(0)}, a.options().dtype(compute));
+  C10_CUDA_CHECK(siglip_fwd(p.x, shift.data_ptr(), positives_on_diagonal, row.data_ptr(),
+                            c10::cuda::getCurrentCUDAStream()));
+  return row;
+}
+
+std::tuple<Tensor, Tensor, Tensor> siglip_bwd_op(const Tensor& a, const Tensor& b, const Tensor& scale,
+                                                 const Tensor& bias, bool normalize, bool positives_on_diagonal,
+                                                 const Tensor& g_row) {
+  const char* op = "cpp_siglip_bwd";
+  check_pair(op, a, b, scale);
+  check_scalar(op, "bias", bias, a);
+  check_vector(op, "g_row", g_row, a.size(0), a);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const Prepared p = prepare(a, b, scale, normalize);
+  const int64_t n = a.size(0), m = b.size(0);
+  const auto compute = compute_dtype(a.scalar_type());
+  const Tensor shift = bias.reshape({}).to(compute).contiguous();
+  const Tensor gr = g_row.to(compute).contiguous();
+  Tensor p_row = at::empty({n}, a.options().dtype(compute));
+  // A band's row sums of P per 64 columns, in the compute dtype (P itself may
+  // be bf16); allocated for the first band, the longest.
+  const int64_t col_blocks = ceil_div(m, kTileCols);
+  Tensor part;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto [pb, pa] = backward_bands(
+      a, b, normalize, col_blocks * at::elementSize(compute),
+      [&](int64_t r0, int64_t rows, void* pband, DType p_dtype) {
+        if (!part.defined()) part = at::empty({rows, col_blocks}, a.options().dtype(compute));
+        C10_CUDA_CHECK(siglip_bwd_band(p.x, r0, rows, shift.data_ptr(), positives_on_diagonal, gr.data_ptr(),
+                                       pband, p_dtype, part.data_ptr(), stream));
+        p_row.narrow(0, r0, rows).copy_(part.narrow(0, 0, rows).sum(1));
+      });
+  return {pb, pa, p_row};
 }
 
 Tensor similarity_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale) {
@@ -207,6 +270,8 @@ int64_t set_band_rows(int64_t rows) { return g_band_rows.exchange(rows); }
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
   m.impl("cpp_lse_fwd", &lse_fwd);
   m.impl("cpp_lse_bwd", &lse_bwd);
+  m.impl("cpp_siglip_fwd", &siglip_fwd_op);
+  m.impl("cpp_siglip_bwd", &siglip_bwd_op);
   m.impl("cpp_similarity_fwd", &similarity_fwd_op);
   m.impl("cpp_similarity_bwd", &similarity_bwd_op);
 }
