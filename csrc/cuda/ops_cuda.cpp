@@ -123,9 +123,7 @@ std::tuple<Tensor, Tensor> backward_bands(const Tensor& a, const Tensor& b, bool
   const auto p_type = (a.scalar_type() == at::kBFloat16 && kHalfGemmToFloat) ? at::kBFloat16 : compute;
   const Tensor ah = scaled_operand(a, normalize, p_type), bh = scaled_operand(b, normalize, p_type);
   Tensor pb = at::empty({n, d}, a.options().dtype(compute)), pa = at::empty({m, d}, a.options().dtype(compute));
-  // At most 65535 blocks of 64 rows a band: the grid's y limit.
-  const int64_t band = std::min(band_rows(n, m * at::elementSize(p_type) + scratch_per_row),
-                                int64_t{65535} * kTileRows);
+  const int64_t band = band_rows(n, m * at::elementSize(p_type) + scratch_per_row);
   Tensor pband = at::empty({band, m}, a.options().dtype(p_type));
   for (int64_t r0 = 0; r0 < n; r0 += band) {
     const int64_t rows = std::min(band, n - r0);
@@ -234,8 +232,8 @@ std::tuple<Tensor, Tensor, Tensor> siglip_bwd_op(const Tensor& a, const Tensor& 
 
 Tensor similarity_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale) {
   check_pair("cpp_similarity_fwd", a, b, scale);
-  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= 65535, "cpp_similarity_fwd: at most ",
-              65535 * kTileRows, " rows of a on CUDA, got ", a.size(0));
+  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= kMaxGridY, "cpp_similarity_fwd: at most ",
+              kMaxGridY * kTileRows, " rows of a on CUDA, got ", a.size(0));
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, /*normalize=*/true);
   Tensor out = at::empty({a.size(0), b.size(0)}, a.options());
