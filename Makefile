@@ -10,9 +10,10 @@ STAMP := $(VENV)/.mmkernels-installed
 
 # torch first: the package builds against it (no build isolation, so the
 # extension compiles against the torch that runs it).
-$(STAMP): setup.py pyproject.toml
+# The extension mmkernels._C (csrc/) is rebuilt when its sources change.
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.* csrc/*/*.*)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "torch>=2.6" numpy setuptools wheel
+	$(PY) -m pip install --quiet "torch>=2.6" numpy setuptools wheel ninja
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,train]"
 	touch $(STAMP)
 

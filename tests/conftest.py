@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mmkernels
+from mmkernels import _extension
 from mmkernels.ops import _common
 
 
@@ -38,8 +39,15 @@ def backend(request):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 8 x 16 for the torch backend, so small shapes straddle tile edges."""
+    """Tiles of 8 x 16 for the torch backend (and the C++ CPU kernels), so small
+    shapes straddle tile edges."""
     monkeypatch.setattr(_common, "TILE_SHAPE", {"cpu": (8, 16), "cuda": (8, 16)})
+    if _extension.cpu_built():
+        previous = _extension._C.set_cpu_tile_shape(8, 16)
+        yield
+        _extension._C.set_cpu_tile_shape(*previous)
+    else:
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,336 @@
+// The C++ CPU kernels: the primitive (row and column logsumexp of S, forward
+// and backward), SigLIP's sigmoid loss and normalized_similarity, registered
+// for the CPU dispatch key. Maths and the kernel contracts:
+// mmkernels/ops/logsumexp.py, siglip.py and similarity.py.
+//
+// Schedule (primitive). S is cut into tiles of `tm` rows of A by `tn` rows of
+// B; the row tiles are split into one contiguous chunk per thread
+// (at::parallel_for). Each tile is computed once per pass by a single-threaded
+// BLAS call (at::addmm_out on tile views: nested parallelism is off inside
+// parallel_for) into a per-thread buffer that stays in cache, then:
+//
+//   forward   fold_stats folds it into the running (max, sum of exp) of its rows
+//             (owned by the thread) and of its columns (per-thread copies,
+//             merged once at the end): 1 tile product, 2 exps per logit.
+//   backward  softmax_grad turns S into P in place; then pb_i += P @ B_j
+//             (rows owned by the thread) and pa_j += P^T @ A_i into a
+//             per-thread (tn, D) partial, summed after each column tile:
+//             3 tile products, 2 exps per logit.
+//
+// 4 GEMM-equivalents in all, extra memory O(threads * (tm * tn + tn * D + M)).
+//
+// SigLIP has the same two schedules (forward_tiles, backward_tiles) with
+// elementwise passes that need no statistics: siglip_loss adds each row's sum
+// of softplus(-z * (S + bias)) to its loss (owned by the thread); siglip_grad
+// turns S into P and adds its row sums to p_row. Nothing is saved between the
+// passes but the inputs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+
+#include "../common.h"
+#include "kernels.h"
+#include "tile_ops.h"
+
+namespace mmkernels::cpu {
+namespace {
+
+using at::Tensor;
+
+// Tile edges (rows of A x rows of B). 256 x 512 fp32 logits (512 KiB) fit in a
+// core's L2 beside BLAS's packed panels, so the exp passes read S from cache,
+// and the tile products still run at BLAS's full rate: of the shapes tried
+// (128 x 512 to 1024 x 1024, fwd + bwd at N = 8192 and 16384, D = 512, on the
+// 2-core development machine) it was the fastest, tied with 256 x 256.
+// Tests shrink them so that small shapes straddle tile edges.
+std::atomic<int64_t> g_tile_rows{256};
+std::atomic<int64_t> g_tile_cols{512};
+
+template <typename T>
+const TileOps<T>& tile_ops();
+template <>
+const TileOps<float>& tile_ops<float>() { return tile_ops_f32(); }
+template <>
+const TileOps<double>& tile_ops<double>() { return tile_ops_f64(); }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Row tiles of S split into `chunks` contiguous ranges, one per thread.
+struct Schedule {
+  int64_t n, m, tm, tn, row_tiles, chunks;
+
+  Schedule(int64_t n_, int64_t m_) : n(n_), m(m_) {
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    // Fewer rows than threads x tile rows: thinner row tiles, so no thread idles.
+    tm = std::max<int64_t>(1, std::min(g_tile_rows.load(), ceil_div(n, threads)));
+    tn = std::min(g_tile_cols.load(), m);
+    row_tiles = ceil_div(n, tm);
+    chunks = std::min(threads, row_tiles);
+  }
+
+  // [first, last) rows of chunk c: at least one row tile each.
+  std::pair<int64_t, int64_t> rows_of(int64_t c) const {
+    const int64_t t0 = c * row_tiles / chunks, t1 = (c + 1) * row_tiles / chunks;
+    return {t0 * tm, std::min(n, t1 * tm)};
+  }
+};
+
+// A (rows, cols) view of the start of a flat per-thread buffer.
+Tensor tile_view(const Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// Forward schedule: calls visit(c, i0, j0, s) on every tile s = scale * A_i @ B_j^T
+// of S, in the thread of chunk c (rows i0.., columns j0..), row tile by row tile.
+template <typename Visit>
+void forward_tiles(const Schedule& sched, const Tensor& ah, const Tensor& bh, double scale, Visit&& visit) {
+  Tensor tiles = at::empty({sched.chunks, sched.tm * sched.tn}, ah.options());
+  // Worker threads get the caller's dispatch state (inference mode, ...) for the ATen calls.
+  const at::ThreadLocalState state;
+  at::parallel_for(0, sched.chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t c = c0; c < c1; ++c) {
+      const auto [r0, r1] = sched.rows_of(c);
+      for (int64_t i0 = r0; i0 < r1; i0 += sched.tm) {
+        const int64_t rows = std::min(sched.tm, r1 - i0);
+        const Tensor a_i = ah.narrow(0, i0, rows);
+        for (int64_t j0 = 0; j0 < sched.m; j0 += sched.tn) {
+          const int64_t cols = std::min(sched.tn, sched.m - j0);
+          Tensor s = tile_view(tiles[c], rows, cols);
+          at::addmm_out(s, s, a_i, bh.narrow(0, j0, cols).t(), /*beta=*/0, /*alpha=*/scale);
+          visit(c, i0, j0, s);
+        }
+      }
+    }
+  });
+}
+
+// Backward schedule: column tile by column tile, every tile S is computed,
+// to_p(i0, j0, s) overwrites it with P (contiguous, rows x cols), then
+// pb_i (+)= P @ B_j (rows owned by the thread) and pa_j (+)= P^T @ A_i into a
+// per-thread partial, summed after the column tile. pb and pa: (N, D), (M, D).
+template <typename ToP>
+void backward_tiles(const Schedule& sched, const Tensor& ah, const Tensor& bh, double scale, Tensor& pb,
+                    Tensor& pa, ToP&& to_p) {
+  Tensor tiles = at::empty({sched.chunks, sched.tm * sched.tn}, ah.options());
+  // Chunk 0 accumulates straight into pa; the others into their own partial.
+  Tensor partials = at::empty({sched.chunks - 1, sched.tn, ah.size(1)}, ah.options());
+  const at::ThreadLocalState state;
+  for (int64_t j0 = 0; j0 < sched.m; j0 += sched.tn) {
+    const int64_t cols = std::min(sched.tn, sched.m - j0);
+    const Tensor b_j = bh.narrow(0, j0, cols);
+    Tensor pa_j = pa.narrow(0, j0, cols);
+    at::parallel_for(0, sched.chunks, 1, [&](int64_t c0, int64_t c1) {
+      at::ThreadLocalStateGuard guard(state);
+      for (int64_t c = c0; c < c1; ++c) {
+        const auto [r0, r1] = sched.rows_of(c);
+        Tensor pa_c = c == 0 ? pa_j : partials[c - 1].narrow(0, 0, cols);
+        for (int64_t i0 = r0; i0 < r1; i0 += sched.tm) {
+          const int64_t rows = std::min(sched.tm, r1 - i0);
+          const Tensor a_i = ah.narrow(0, i0, rows);
+          Tensor p = tile_view(tiles[c], rows, cols);
+          at::addmm_out(p, p, a_i, b_j.t(), /*beta=*/0, /*alpha=*/scale);
+          to_p(i0, j0, p);
+          Tensor pb_i = pb.narrow(0, i0, rows);
+          at::addmm_out(pb_i, pb_i, p, b_j, /*beta=*/j0 == 0 ? 0 : 1, /*alpha=*/1);
+          at::addmm_out(pa_c, pa_c, p.t(), a_i, /*beta=*/i0 == r0 ? 0 : 1, /*alpha=*/1);
+        }
+      }
+    });
+    for (int64_t c = 1; c < sched.chunks; ++c) pa_j.add_(partials[c - 1].narrow(0, 0, cols));
+  }
+}
+
+template <typename T>
+void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, Tensor& row_lse, Tensor& col_lse) {
+  const int64_t n = ah.size(0), m = bh.size(0);
+  const Schedule sched(n, m);
+  const auto opts = ah.options();
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  Tensor row_max = at::full({n}, -kInf, opts), row_sum = at::zeros({n}, opts);
+  Tensor col_max = at::full({sched.chunks, m}, -kInf, opts), col_sum = at::zeros({sched.chunks, m}, opts);
+  Tensor work = at::empty({sched.chunks, sched.tm + sched.tn}, opts);
+  const TileOps<T>& ops = tile_ops<T>();
+  T* rmax = row_max.data_ptr<T>();
+  T* rsum = row_sum.data_ptr<T>();
+  T* cmax = col_max.data_ptr<T>();  // row c: chunk c's column statistics
+  T* csum = col_sum.data_ptr<T>();
+  T* scratch = work.data_ptr<T>();
+  forward_tiles(sched, ah, bh, scale, [&](int64_t c, int64_t i0, int64_t j0, const Tensor& s) {
+    ops.fold_stats(s.data_ptr<T>(), s.size(0), s.size(1), s.size(1), rmax + i0, rsum + i0, cmax + c * m + j0,
+                   csum + c * m + j0, scratch + c * (sched.tm + sched.tn));
+  });
+
+  at::add_out(row_lse, row_max, row_sum.log());
+  // Merge the threads' column statistics (the shift keeps all -inf columns NaN-free).
+  Tensor top = col_max.amax(0);
+  Tensor shift = at::where(top == -kInf, at::zeros_like(top), top);
+  Tensor total = (col_sum * (col_max - shift).exp()).sum(0);
+  at::add_out(col_lse, shift, total.log());
+}
+
+template <typename T>
+void lse_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, const Tensor& row_lse,
+                  const Tensor& col_lse, const Tensor& g_row, const Tensor& g_col, Tensor& pb, Tensor& pa) {
+  const Schedule sched(ah.size(0), bh.size(0));
+  const TileOps<T>& ops = tile_ops<T>();
+  const T* rl = row_lse.data_ptr<T>();
+  const T* gr = g_row.data_ptr<T>();
+  const T* cl = col_lse.data_ptr<T>();
+  const T* gc = g_col.data_ptr<T>();
+  backward_tiles(sched, ah, bh, scale, pb, pa, [&](int64_t i0, int64_t j0, Tensor& p) {
+    ops.softmax_grad(p.data_ptr<T>(), p.size(0), p.size(1), p.size(1), rl + i0, gr + i0, cl + j0, gc + j0);
+  });
+}
+
+template <typename T>
+void siglip_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, T bias, bool positives, Tensor& row) {
+  const Schedule sched(ah.size(0), bh.size(0));
+  const TileOps<T>& ops = tile_ops<T>();
+  T* loss = row.data_ptr<T>();
+  forward_tiles(sched, ah, bh, scale, [&](int64_t, int64_t i0, int64_t j0, const Tensor& s) {
+    ops.siglip_loss(s.data_ptr<T>(), s.size(0), s.size(1), s.size(1), bias, positives, i0 - j0, loss + i0);
+  });
+}
+
+template <typename T>
+void siglip_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, T bias, bool positives,
+                     const Tensor& g_row, Tensor& pb, Tensor& pa, Tensor& p_row) {
+  const Schedule sched(ah.size(0), bh.size(0));
+  const TileOps<T>& ops = tile_ops<T>();
+  const T* gr = g_row.data_ptr<T>();
+  T* pr = p_row.data_ptr<T>();
+  backward_tiles(sched, ah, bh, scale, pb, pa, [&](int64_t i0, int64_t j0, Tensor& p) {
+    ops.siglip_grad(p.data_ptr<T>(), p.size(0), p.size(1), p.size(1), bias, positives, i0 - j0, gr + i0,
+                    pr + i0);
+  });
+}
+
+// --- ops ------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
+  check_pair("cpp_lse_fwd", a, b, scale);
+  const auto dtype = compute_dtype(a.scalar_type());
+  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const double alpha = scale.item<double>();
+  Tensor row_lse = at::empty({a.size(0)}, ah.options());
+  Tensor col_lse = at::empty({b.size(0)}, ah.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_lse_fwd", [&] {
+    lse_fwd_impl<scalar_t>(ah, bh, alpha, row_lse, col_lse);
+  });
+  return {row_lse, col_lse};
+}
+
+std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
+                                   const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row,
+                                   const Tensor& g_col) {
+  const char* op = "cpp_lse_bwd";
+  check_pair(op, a, b, scale);
+  check_vector(op, "row_lse", row_lse, a.size(0), a);
+  check_vector(op, "col_lse", col_lse, b.size(0), a);
+  check_vector(op, "g_row", g_row, a.size(0), a);
+  check_vector(op, "g_col", g_col, b.size(0), a);
+  const auto dtype = compute_dtype(a.scalar_type());
+  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const double alpha = scale.item<double>();
+  auto vec = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
+  Tensor pb = at::empty_like(ah), pa = at::empty_like(bh);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_lse_bwd", [&] {
+    lse_bwd_impl<scalar_t>(ah, bh, alpha, vec(row_lse), vec(col_lse), vec(g_row), vec(g_col), pb, pa);
+  });
+  return {pb, pa};
+}
+
+Tensor siglip_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, bool normalize,
+                  bool positives_on_diagonal) {
+  const char* op = "cpp_siglip_fwd";
+  check_pair(op, a, b, scale);
+  check_scalar(op, "bias", bias, a);
+  const auto dtype = compute_dtype(a.scalar_type());
+  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const double alpha = scale.item<double>();
+  Tensor row = at::zeros({a.size(0)}, ah.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_siglip_fwd", [&] {
+    siglip_fwd_impl<scalar_t>(ah, bh, alpha, bias.item<scalar_t>(), positives_on_diagonal, row);
+  });
+  return row;
+}
+
+std::tuple<Tensor, Tensor, Tensor> siglip_bwd(const Tensor& a, const Tensor& b, const Tensor& scale,
+                                              const Tensor& bias, bool normalize, bool positives_on_diagonal,
+                                              const Tensor& g_row) {
+  const char* op = "cpp_siglip_bwd";
+  check_pair(op, a, b, scale);
+  check_scalar(op, "bias", bias, a);
+  check_vector(op, "g_row", g_row, a.size(0), a);
+  const auto dtype = compute_dtype(a.scalar_type());
+  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const double alpha = scale.item<double>();
+  Tensor pb = at::empty_like(ah), pa = at::empty_like(bh), p_row = at::zeros({a.size(0)}, ah.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_siglip_bwd", [&] {
+    siglip_bwd_impl<scalar_t>(ah, bh, alpha, bias.item<scalar_t>(), positives_on_diagonal,
+                              g_row.to(dtype).contiguous(), pb, pa, p_row);
+  });
+  return {pb, pa, p_row};
+}
+
+Tensor similarity_fwd(const Tensor& a, const Tensor& b, const Tensor& scale) {
+  check_pair("cpp_similarity_fwd", a, b, scale);
+  const auto dtype = compute_dtype(a.scalar_type());
+  const Tensor ah = scaled_operand(a, true, dtype), bh = scaled_operand(b, true, dtype);
+  const double alpha = scale.item<double>();
+  const int64_t n = a.size(0), m = b.size(0);
+  Tensor out = at::empty({n, m}, a.options());
+  if (a.scalar_type() == dtype) {  // one multi-threaded BLAS call, straight into the output
+    at::addmm_out(out, out, ah, bh.t(), /*beta=*/0, /*alpha=*/alpha);
+    return out;
+  }
+  // fp16/bf16 output: fp32 tiles, each rounded once into the output, so no
+  // N x M fp32 temporary.
+  forward_tiles(Schedule(n, m), ah, bh, alpha, [&](int64_t, int64_t i0, int64_t j0, const Tensor& s) {
+    out.narrow(0, i0, s.size(0)).narrow(1, j0, s.size(1)).copy_(s);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> similarity_bwd(const Tensor& a, const Tensor& b, const Tensor& scale,
+                                          const Tensor& grad) {
+  check_pair("cpp_similarity_bwd", a, b, scale);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.size(0) && grad.size(1) == b.size(0),
+              "cpp_similarity_bwd: grad must have shape (", a.size(0), ", ", b.size(0), "), got ",
+              grad.sizes());
+  const auto dtype = compute_dtype(a.scalar_type());
+  const Tensor ah = scaled_operand(a, true, dtype), bh = scaled_operand(b, true, dtype);
+  // The upstream gradient is the size of S already; its compute-dtype copy (fp16/bf16) is too.
+  const Tensor g = grad.to(dtype);
+  return {at::mm(g, bh), at::mm(g.t(), ah)};
+}
+
+}  // namespace
+
+TileShape tile_shape() { return {g_tile_rows.load(), g_tile_cols.load()}; }
+
+TileShape set_tile_shape(TileShape shape) {
+  TORCH_CHECK(shape.rows > 0 && shape.cols > 0, "tile shape must be positive, got (", shape.rows,
+              ", ", shape.cols, ")");
+  const TileShape old = tile_shape();
+  g_tile_rows.store(shape.rows);
+  g_tile_cols.store(shape.cols);
+  return old;
+}
+
+TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
+  m.impl("cpp_lse_fwd", &lse_fwd);
+  m.impl("cpp_lse_bwd", &lse_bwd);
+  m.impl("cpp_siglip_fwd", &siglip_fwd);
+  m.impl("cpp_siglip_bwd", &siglip_bwd);
+  m.impl("cpp_similarity_fwd", &similarity_fwd);
+  m.impl("cpp_similarity_bwd", &similarity_bwd);
+}
+
+}  // namespace mmkernels::cpu

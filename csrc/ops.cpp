@@ -1,0 +1,107 @@
+// The extension module mmkernels._C: the op schemas (defined once, here) and
+// the Python module object, whose import registers the kernels of csrc/cpu
+// (and csrc/cuda when built with them) with the dispatcher.
+//
+// Op contract: mmkernels/ops/logsumexp.py (primitive), siglip.py and similarity.py.
+// Autograd formulas and fake kernels are attached in Python
+// (mmkernels/ops/cpp.py); one op serves the cpu and cuda backends, dispatched
+// on the tensors' device.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+#include "cpu/tile_ops.h"
+#ifdef MMKERNELS_WITH_CUDA
+#include "cuda/launch.h"
+#endif
+
+TORCH_LIBRARY_FRAGMENT(mmkernels, m) {
+  m.def("cpp_lse_fwd(Tensor a, Tensor b, Tensor scale, bool normalize) -> (Tensor, Tensor)");
+  m.def(
+      "cpp_lse_bwd(Tensor a, Tensor b, Tensor scale, bool normalize, Tensor row_lse, "
+      "Tensor col_lse, Tensor g_row, Tensor g_col) -> (Tensor, Tensor)");
+  m.def(
+      "cpp_siglip_fwd(Tensor a, Tensor b, Tensor scale, Tensor bias, bool normalize, "
+      "bool positives_on_diagonal) -> Tensor");
+  m.def(
+      "cpp_siglip_bwd(Tensor a, Tensor b, Tensor scale, Tensor bias, bool normalize, "
+      "bool positives_on_diagonal, Tensor g_row) -> (Tensor, Tensor, Tensor)");
+  m.def("cpp_similarity_fwd(Tensor a, Tensor b, Tensor scale) -> Tensor");
+  m.def("cpp_similarity_bwd(Tensor a, Tensor b, Tensor scale, Tensor grad) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+namespace cpu = mmkernels::cpu;
+
+PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu::tile_ops_f32().isa); }
+
+PyObject* cpu_isas(PyObject*, PyObject*) {
+  int count = 0;
+  const char* const* names = cpu::supported_isas(&count);
+  PyObject* out = PyTuple_New(count);
+  for (int k = 0; out != nullptr && k < count; ++k) PyTuple_SET_ITEM(out, k, PyUnicode_FromString(names[k]));
+  return out;
+}
+
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  if (!cpu::set_isa(name)) {
+    PyErr_Format(PyExc_ValueError, "isa: %R is not one this CPU runs (see cpu_isas())", arg);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* set_cpu_tile_shape(PyObject*, PyObject* args) {
+  long long rows = 0, cols = 0;
+  if (!PyArg_ParseTuple(args, "LL", &rows, &cols)) return nullptr;
+  if (rows <= 0 || cols <= 0) {
+    PyErr_Format(PyExc_ValueError, "tile shape: expected positive rows and cols, got (%lld, %lld)", rows, cols);
+    return nullptr;
+  }
+  const cpu::TileShape old = cpu::set_tile_shape({rows, cols});
+  return Py_BuildValue("(LL)", static_cast<long long>(old.rows), static_cast<long long>(old.cols));
+}
+
+#ifdef MMKERNELS_WITH_CUDA
+PyObject* set_cuda_band_rows(PyObject*, PyObject* arg) {
+  const long long rows = PyLong_AsLongLong(arg);
+  if (rows == -1 && PyErr_Occurred()) return nullptr;
+  return PyLong_FromLongLong(mmkernels::cuda::set_band_rows(rows));
+}
+#endif
+
+PyMethodDef kMethods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the float CPU tile kernels in use."},
+    {"cpu_isas", cpu_isas, METH_NOARGS, "Instruction sets compiled in that this CPU runs, best first."},
+    {"set_cpu_isa", set_cpu_isa, METH_O, "Use the float CPU tile kernels of this instruction set (tests)."},
+    {"set_cpu_tile_shape", set_cpu_tile_shape, METH_VARARGS,
+     "Set the CPU kernels' tile edges (rows, cols); returns the previous ones (tests)."},
+#ifdef MMKERNELS_WITH_CUDA
+    {"set_cuda_band_rows", set_cuda_band_rows, METH_O,
+     "Rows of S per band of the CUDA kernels (0: from the memory budget); returns the previous value."},
+#endif
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+                       "Compiled kernels of mmkernels (csrc/); importing registers them.", -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() {
+  PyObject* module = PyModule_Create(&kModule);
+  if (module == nullptr) return nullptr;
+#ifdef MMKERNELS_WITH_CUDA
+  const int with_cuda = 1;
+#else
+  const int with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "WITH_CPU", 1) < 0 ||
+      PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

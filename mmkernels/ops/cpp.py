@@ -1,0 +1,64 @@
+r"""The compiled backends ``cpu`` and ``cuda``: the C++ kernels of csrc/.
+
+Importing this module registers them with every op module (the primitive of
+mmkernels/ops/logsumexp.py, SigLIP's loss of siglip.py and normalized_similarity
+of similarity.py). The
+extension mmkernels._C defines the op schemas once, in C++ (csrc/ops.cpp),
+and implements them for the CPU (csrc/cpu/) and, when built with them, the
+CUDA (csrc/cuda/) dispatch keys; the same op serves both backend names,
+dispatched on the tensors' device. The autograd formulas and fake kernels
+shared by every backend are attached here, in Python.
+
+=====================  ========================================================
+op                     contract
+=====================  ========================================================
+``cpp_lse_fwd``        ``(a, b, scale, normalize) -> (row_lse, col_lse)``
+``cpp_lse_bwd``        ``(a, b, scale, normalize, row_lse, col_lse, g_row, g_col) -> (pb, pa)``
+``cpp_siglip_fwd``     ``(a, b, scale, bias, normalize, positives_on_diagonal) -> row``
+``cpp_siglip_bwd``     ``(a, b, scale, bias, normalize, positives_on_diagonal, g_row) -> (pb, pa, p_row)``
+``cpp_similarity_fwd`` ``(a, b, scale) -> S`` (input dtype)
+``cpp_similarity_bwd`` ``(a, b, scale, grad) -> (pb, pa)``
+=====================  ========================================================
+
+Numerics: products and statistics in fp32 (fp64 for fp64 inputs) whatever the
+input dtype; fp16/bf16 inputs are converted to fp32 operands once, O(N*D).
+The CPU tile kernels' exp is a vectorized polynomial within 1 ulp of the
+correctly rounded exp, SigLIP's softplus and sigmoid within 3 ulp of the exact
+values (csrc/cpu/tile_ops_simd.inc); the instruction set
+(AVX-512, AVX2+FMA or portable C++) is chosen at run time: :func:`cpu_isa`
+says which.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmkernels import _extension
+from mmkernels.ops import logsumexp, siglip, similarity
+
+if not (_extension.cpu_built() or _extension.cuda_built()):
+    raise ImportError(_extension.why_unavailable() or "mmkernels._C holds no kernels")
+
+_ops = torch.ops.mmkernels
+lse_fwd = _ops.cpp_lse_fwd.default
+lse_bwd = _ops.cpp_lse_bwd.default
+siglip_fwd = _ops.cpp_siglip_fwd.default
+siglip_bwd = _ops.cpp_siglip_bwd.default
+similarity_fwd = _ops.cpp_similarity_fwd.default
+similarity_bwd = _ops.cpp_similarity_bwd.default
+
+# One op pair for both names: register its autograd and fake kernels once,
+# then let the second name point at the same pair.
+BACKENDS = ("cpu", "cuda")
+logsumexp.register_kernels(BACKENDS[0], lse_fwd, lse_bwd)
+siglip.register_kernels(BACKENDS[0], siglip_fwd, siglip_bwd)
+similarity.register_kernels(BACKENDS[0], similarity_fwd, similarity_bwd)
+for _name in BACKENDS[1:]:
+    logsumexp._KERNELS[_name] = logsumexp._KERNELS[BACKENDS[0]]
+    siglip._KERNELS[_name] = siglip._KERNELS[BACKENDS[0]]
+    similarity._KERNELS[_name] = similarity._KERNELS[BACKENDS[0]]
+
+
+def cpu_isa() -> str:
+    """Instruction set of the float CPU tile kernels in use: "avx512", "avx2" or "generic"."""
+    return _extension._C.cpu_isa()
