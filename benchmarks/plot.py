@@ -27,7 +27,7 @@ from pathlib import Path
 from benchmarks import common
 
 OPS = {"contrastive": "contrastive_loss", "logsumexp": "similarity_logsumexp",
-       "similarity": "normalized_similarity"}
+       "similarity": "normalized_similarity", "siglip": "siglip_loss"}
 FLOOR = "matmul floor"
 
 
