@@ -240,7 +240,7 @@ def run(points: list[tuple[int, int]], d: int, impls: list[str], reps: int, max_
                   f"{row['extra_peak_mib']:>16.1f}{row['peak_rss_mib']:>14.0f}", flush=True)
     if save and rows:
         jsonl, csv_path = common.append_rows("distributed", rows)
-        print(f"rows appended to {csv_path.relative_to(common.ROOT)} and {jsonl.name}")
+        print(f"rows appended to {csv_path} and {jsonl.name}")
     return rows
 
 

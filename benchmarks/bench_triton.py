@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         print("  " + line)
     if rows and not args.no_save:
         jsonl, csv_path = common.append_rows("triton_kernels", rows)
-        print(f"\nrows appended to {csv_path.relative_to(common.ROOT)} and {jsonl.name}")
+        print(f"\nrows appended to {csv_path} and {jsonl.name}")
 
 
 if __name__ == "__main__":
