@@ -189,10 +189,10 @@ def max_batch(args) -> None:
         all_probes += [{**p, **env} for p in probes]
         print(json.dumps(summary), flush=True)
     if args.save:
-        common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        common.results_dir().mkdir(parents=True, exist_ok=True)
         common.append_rows("train_max_batch", rows)
         common.append_rows("train_max_batch_probes", all_probes)
-        plot_max_batch(rows, common.RESULTS_DIR / "train_max_batch.png",
+        plot_max_batch(rows, common.results_dir() / "train_max_batch.png",
                        f"{args.model} CLIP, one training step within {args.budget_gib} GiB peak RSS, "
                        f"{env['device']}, {env['date'][:10]}")
 
@@ -223,9 +223,9 @@ def curve(args, extra: list[str]) -> None:
            **{k: v for k, v in summary.items() if k != "output"}, **env}
     print(json.dumps(row), flush=True)
     if args.save:
-        common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.copy(os.path.join(out, "metrics.jsonl"), common.RESULTS_DIR / "train_default_metrics.jsonl")
-        shutil.copy(os.path.join(out, "curves.png"), common.RESULTS_DIR / "train_learning_curve.png")
+        common.results_dir().mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(out, "metrics.jsonl"), common.results_dir() / "train_default_metrics.jsonl")
+        shutil.copy(os.path.join(out, "curves.png"), common.results_dir() / "train_learning_curve.png")
         common.append_rows("train_default_run", [row])
     shutil.rmtree(out, ignore_errors=True)
 
