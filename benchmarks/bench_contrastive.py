@@ -109,10 +109,9 @@ def check_targets(rows: list[dict], device: str) -> list[str]:
 def prepare(impl: str, case: Case, device: str) -> Workload:
     import mmkernels
 
-    dtype = getattr(torch, case.dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(case.n, case.d, device=device, dtype=dtype, generator=gen).requires_grad_()
-    b = torch.randn(case.m, case.d, device=device, dtype=dtype, generator=gen).requires_grad_()
+    a, b, _ = harness.case_inputs(case, device)
+    a.requires_grad_()
+    b.requires_grad_()
     scale = torch.tensor(SCALE, device=device, requires_grad=True)
     loss_fn = implementations.contrastive_fn(impl, SCALE)
 

@@ -41,10 +41,9 @@ def impls_for(device: str, wanted: list[str] | None) -> tuple[list[str], dict[st
 def prepare(impl: str, case: Case, device: str) -> Workload:
     import mmkernels
 
-    dtype = getattr(torch, case.dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(case.n, case.d, device=device, dtype=dtype, generator=gen).requires_grad_()
-    b = torch.randn(case.m, case.d, device=device, dtype=dtype, generator=gen).requires_grad_()
+    a, b, gen = harness.case_inputs(case, device)
+    a.requires_grad_()
+    b.requires_grad_()
     scale = torch.tensor(SCALE, device=device, requires_grad=True)
     g_row = torch.rand(case.n, device=device, generator=gen)
     g_col = torch.rand(case.m, device=device, generator=gen)

@@ -59,11 +59,9 @@ def _loss_fn(impl: str):
 def prepare(impl: str, case: Case, device: str) -> Workload:
     import mmkernels
 
-    dtype = getattr(torch, case.dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
+    a, b, _ = harness.case_inputs(case, device)
     # Normalized once, outside the timed step, as open_clip's model returns them.
-    a = F.normalize(torch.randn(case.n, case.d, device=device, dtype=dtype, generator=gen), dim=-1)
-    b = F.normalize(torch.randn(case.m, case.d, device=device, dtype=dtype, generator=gen), dim=-1)
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     a.requires_grad_()
     b.requires_grad_()
     scale = torch.tensor(SCALE, device=device, requires_grad=True)

@@ -55,9 +55,9 @@ def prepare(impl: str, case: Case, device: str) -> Workload:
     import mmkernels
 
     dtype = getattr(torch, case.dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(case.n, case.d, device=device, dtype=dtype, generator=gen).requires_grad_()
-    b = torch.randn(case.m, case.d, device=device, dtype=dtype, generator=gen).requires_grad_()
+    a, b, gen = harness.case_inputs(case, device)
+    a.requires_grad_()
+    b.requires_grad_()
     scale = torch.tensor(SCALE, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(case.n, case.m, device=device, dtype=dtype, generator=gen)
     if impl == BASELINE:

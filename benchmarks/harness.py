@@ -519,12 +519,21 @@ PEAK = "matmul peak"       # torch.mm on a large square: the device's matrix-mul
 PEAK_SIZE = {"cpu": 2048, "cuda": 8192}
 
 
-def matmul_workload(case: Case, device: str) -> Workload:
-    """One N x D by D x M product in the case's dtype (forward only)."""
+def case_inputs(case: Case, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """The features of a case, the same for every implementation: a (N, D) and
+    b (M, D) drawn from N(0, 1) in the case's dtype, and the generator (seeded
+    0) for any further inputs."""
     dtype = getattr(torch, case.dtype)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(case.n, case.d, device=device, dtype=dtype, generator=gen)
     b = torch.randn(case.m, case.d, device=device, dtype=dtype, generator=gen)
+    return a, b, gen
+
+
+def matmul_workload(case: Case, device: str) -> Workload:
+    """One N x D by D x M product in the case's dtype (forward only)."""
+    dtype = getattr(torch, case.dtype)
+    a, b, _ = case_inputs(case, device)
     out = torch.empty(case.n, case.m, device=device, dtype=dtype)
     return Workload(forward=lambda: torch.mm(a, b.T, out=out), backward=lambda _: None,
                     zero_grad=lambda: None, inputs_bytes=0, grads_bytes=0)
