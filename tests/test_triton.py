@@ -573,6 +573,14 @@ def test_p_block_fits_its_budget():
     assert _launch.p_block(5, 3, 2, "sm90") == (5, 3)
 
 
+def test_every_candidate_has_a_dot_k_every_supported_triton_compiles():
+    """triton 3.6's tl.dot rejects K < 16 for every dtype (fp32 and fp64 included)."""
+    for kind, table in _launch._CONFIGS.items():
+        for (arch, dclass), candidates in table.items():
+            for config in candidates:
+                assert config.kwargs["BLOCK_K"] >= _launch.MIN_DOT_K, (kind, arch, dclass, config)
+
+
 def test_buckets():
     assert [_launch.bucket(n) for n in (1, 7, 16, 17, 10**9)] == [1, 8, 16, 32, 1 << 16]
 
@@ -591,6 +599,7 @@ def test_kernels_compile_for_hopper_without_spills():
     assert {"_lse_fwd_kernel", "_lse_merge_kernel", "_lse_bwd_p_kernel", "_products_kernel",
             "_similarity_fwd_kernel", "_siglip_fwd_kernel", "_siglip_bwd_p_kernel"} <= names
     for name, arch, dtype, config, usage in results:
+        assert "error" not in usage, (name, config, usage)
         assert usage.get("local", 0) == 0 and usage.get("stack", 0) == 0, (name, config, usage)
 
 
@@ -607,6 +616,7 @@ def test_siglip_kernels_compile_for_ampere_without_spills():
         pytest.skip(f"triton {triton.__version__}: AOT internals differ ({error})")
     assert {r[0] for r in results} == only and len(results) == 4
     for name, arch, dtype, config, usage in results:
+        assert "error" not in usage, (name, config, usage)
         assert usage.get("local", 0) == 0 and usage.get("stack", 0) == 0, (name, config, usage)
 
 

@@ -151,9 +151,13 @@ def check(arch_names, dtypes, all_configs=False, out=sys.stdout, only=None):
                 if only is not None and fn.__name__ not in only:
                     continue
                 for config in configs:
-                    usage = resource_usage(compile_call(fn, args, kwargs, config, TARGETS[arch_name]))
+                    try:
+                        usage = resource_usage(compile_call(fn, args, kwargs, config, TARGETS[arch_name]))
+                    except Exception as error:  # noqa: BLE001 - reported and counted, run goes on
+                        first = str(error).strip().splitlines()
+                        usage = {"error": f"{type(error).__name__}: {first[-1] if first else ''}"[:300]}
                     results.append((fn.__name__, arch_name, label, config, usage))
-                    print(f"{arch_name} {label:9s} {fn.__name__:24s} {config} {usage}", file=out)
+                    print(f"{arch_name} {label:9s} {fn.__name__:24s} {config} {usage}", file=out, flush=True)
     return results
 
 
@@ -169,8 +173,15 @@ def main():
     ns = parser.parse_args()
     dtypes = [name if name == "tf32" else getattr(torch, name) for name in ns.dtype]
     results = check(ns.arch, dtypes, ns.all_configs, only=set(ns.kernel) if ns.kernel else None)
+    failed = [r for r in results if "error" in r[4]]
     spills = [r for r in results if r[4].get("local", 0) or r[4].get("stack", 0)]
-    print(f"{len(results)} kernels compiled, {len(spills)} with spills")
+    import triton
+    print(f"triton {triton.__version__}, torch {torch.__version__}: {len(results) - len(failed)} "
+          f"kernels compiled, {len(failed)} failed, {len(spills)} with spills")
+    for name, arch_name, label, config, usage in spills:
+        print(f"  spill: {arch_name} {label} {name} {config} local={usage.get('local')} "
+              f"stack={usage.get('stack')}")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

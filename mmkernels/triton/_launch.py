@@ -136,9 +136,10 @@ _CONFIGS = {
                            _tile(64, 128, 32, 4, 3)],
         ("sm80", "tf32"): [_tile(128, 128, 16, 8, 3), _tile(64, 64, 32, 4, 3)],
         # Exact fp32 and fp64 products run on FMA units, operands in registers:
-        # short K steps keep them from spilling.
-        ("sm90", "ieee"): [_tile(64, 64, 16, 4, 2), _tile(128, 64, 8, 8, 2)],
-        ("sm80", "ieee"): [_tile(64, 64, 8, 4, 2), _tile(128, 64, 8, 8, 2)],
+        # short K steps keep them from spilling. 16 is the shortest: triton 3.6's
+        # tl.dot rejects K < 16 for every dtype (MIN_DOT_K below).
+        ("sm90", "ieee"): [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2)],
+        ("sm80", "ieee"): [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2)],
         ("sm90", "fp64"): [_tile(32, 64, 16, 4, 2)],
         ("sm80", "fp64"): [_tile(32, 64, 16, 4, 2)],
     },
@@ -151,8 +152,8 @@ _CONFIGS = {
                            _mm(64, 128, 32, 4, 3)],
         ("sm80", "tf32"): [_mm(128, 128, 16, 8, 3), _mm(128, 64, 32, 4, 3),
                            _mm(64, 64, 32, 4, 3)],
-        ("sm90", "ieee"): [_mm(64, 64, 8, 4, 2), _mm(32, 64, 16, 4, 2)],
-        ("sm80", "ieee"): [_mm(64, 64, 8, 4, 2), _mm(32, 64, 16, 4, 2)],
+        ("sm90", "ieee"): [_mm(64, 64, 16, 4, 2), _mm(32, 64, 16, 4, 2)],
+        ("sm80", "ieee"): [_mm(64, 64, 16, 4, 2), _mm(32, 64, 16, 4, 2)],
         ("sm90", "fp64"): [_mm(64, 64, 16, 4, 2)],
         ("sm80", "fp64"): [_mm(64, 64, 16, 4, 2)],
     },
@@ -166,6 +167,10 @@ _INTERPRETER_CONFIGS = {
 }
 
 _ELEMENT_BYTES = {"half": 2, "tf32": 4, "ieee": 4, "fp64": 8}
+
+# The smallest K of a tl.dot that every supported Triton compiles (3.6 asserts
+# "K >= 16" for every dtype); tests/test_triton.py checks every candidate.
+MIN_DOT_K = 16
 
 
 def shared_memory_bytes(kind: str, config: triton.Config, dclass: str) -> int:

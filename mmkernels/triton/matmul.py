@@ -55,7 +55,9 @@ def dot(x, y, acc, PRECISION: tl.constexpr):
     if _INTERPRETING and x.dtype == tl.bfloat16:
         x = x.to(tl.float32)
         y = y.to(tl.float32)
-    return tl.dot(x, y, acc, input_precision=PRECISION)
+    # out_dtype: triton 3.6 defaults it to fp32 even for an fp64 accumulator
+    # (and then rejects the mismatch); 3.8 infers it from acc.
+    return tl.dot(x, y, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
