@@ -27,8 +27,11 @@ traces through it with no graph break.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import re
+import warnings
 
 import torch
 
@@ -57,6 +60,34 @@ KERNEL_MODULES = {
 # Facts fixed for the life of the process, read once at import.
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
+# The Triton releases the kernels are compiled and tested on (.ci/triton_versions.sh
+# compiles every kernel and candidate on the lowest and the highest, and runs the
+# interpreter lane on both): >= 3.6.0 (torch 2.11's pin), < 3.9. Outside it a
+# kernel may fail to compile at its first call, so "auto" skips triton instead.
+TRITON_SUPPORTED = ((3, 6), (3, 9))
+TRITON_SUPPORTED_TEXT = ">=3.6.0,<3.9"
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def _triton_version_problem() -> str | None:
+    """Why the installed Triton is outside the supported range, or None."""
+    try:
+        found = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:  # e.g. a source tree on sys.path
+        return None
+    low, high = TRITON_SUPPORTED
+    if low <= _version_tuple(found)[:2] < high:
+        return None
+    return (f"triton {found} is installed; mmkernels' Triton kernels support triton "
+            f"{TRITON_SUPPORTED_TEXT}")
+
+
+_TRITON_VERSION_PROBLEM = _triton_version_problem() if _HAS_TRITON else None
+_warned_triton_version = False
+
 
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -70,6 +101,8 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
     if name == "triton":
         if not _HAS_TRITON:
             return "the package 'triton' is not installed"
+        if _TRITON_VERSION_PROBLEM is not None:
+            return _TRITON_VERSION_PROBLEM
         if kind == "cuda":
             return None
         if kind == "cpu":
@@ -102,6 +135,7 @@ def select_backend(backend: str, device: torch.device) -> str:
         for name in AUTO_ORDER.get(device.type, ("torch",)):
             if why_unavailable(name, device) is None:
                 return name
+            _warn_triton_version_once(name, device)
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(
@@ -110,6 +144,16 @@ def select_backend(backend: str, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} (from {requested_by}) is unavailable: {reason}")
     return backend
+
+
+def _warn_triton_version_once(name: str, device: torch.device) -> None:
+    """One warning per process when "auto" passes over triton for its version only."""
+    global _warned_triton_version
+    if (name == "triton" and device.type == "cuda" and _TRITON_VERSION_PROBLEM is not None
+            and not _warned_triton_version):
+        _warned_triton_version = True
+        warnings.warn(f"mmkernels: backend 'auto' skips triton: {_TRITON_VERSION_PROBLEM}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

@@ -923,3 +923,38 @@ def test_cuda_siglip_extra_memory_is_bounded():
     products = 2 * n * d * 4        # pb, pa in fp32 (kernel contract)
     allowance = grads + 2 * products + 64 * 2**20 + 512 * n
     assert extra < allowance, f"extra {extra / 2**20:.0f} MiB (S alone: {n * n * 2 / 2**20:.0f} MiB)"
+
+
+# --- supported Triton versions (mmkernels/backends.py) ------------------------------
+
+@pytest.mark.parametrize("found, ok", [("3.6.0", True), ("3.7.1", True), ("3.8.0", True),
+                                       ("3.5.1", False), ("3.4.0", False), ("3.9.0", False)])
+def test_triton_version_range(monkeypatch, found, ok):
+    from mmkernels import backends
+
+    monkeypatch.setattr(backends.importlib.metadata, "version", lambda name: found)
+    problem = backends._triton_version_problem()
+    assert (problem is None) == ok
+    if not ok:
+        assert found in problem and backends.TRITON_SUPPORTED_TEXT in problem
+
+
+def test_triton_outside_the_range_auto_warns_once_and_named_raises(monkeypatch):
+    """Outside the range: "auto" on CUDA passes over triton with one warning naming the
+    versions; asking for triton raises with the same reason (never a compile error later)."""
+    import warnings
+
+    from mmkernels import backends
+
+    reason = "triton 3.4.0 is installed; mmkernels' Triton kernels support triton >=3.6.0,<3.9"
+    monkeypatch.setattr(backends, "_TRITON_VERSION_PROBLEM", reason)
+    monkeypatch.setattr(backends, "_warned_triton_version", False)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="3.4.0.*>=3.6.0,<3.9"):
+        assert backends.select_backend("auto", cuda) != "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select_backend("auto", cuda) != "triton"  # once per process
+    with pytest.raises(RuntimeError, match="3.4.0"):
+        backends.select_backend("triton", cuda)

@@ -35,6 +35,10 @@ from torch.library import wrap_triton
 
 # Read once, like triton itself: the interpreter must be chosen before triton is imported.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRETING:
+    from mmkernels.triton import _compat
+
+    _compat.patch_interpreter()
 
 # Usable shared memory per block (bytes), minus headroom for the layout
 # conversions Triton adds to the epilogue (row/column reductions).

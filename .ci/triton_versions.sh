@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# CI lane: the Triton kernels on the lowest and the highest Triton of the supported
+# range (mmkernels/backends.py TRITON_SUPPORTED), each in its own venv:
+#   1. every kernel and every autotune candidate compiled for sm_80 and sm_90
+#      (tests/triton_aot.py --all-configs; no GPU needed), 0 failures, spills listed;
+#   2. the interpreter lane (tests/test_triton_lane.py, TRITON_INTERPRET=1).
+# The venvs are kept under $MMKERNELS_CI_CACHE (default ~/.cache/mmkernels-ci), one per
+# Triton version, reused from one run to the next.
+#   .ci/triton_versions.sh [3.6.0 3.8.0]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VERSIONS=("${@:-3.6.0 3.8.0}")
+read -r -a VERSIONS <<< "${VERSIONS[*]}"
+CACHE="${MMKERNELS_CI_CACHE:-$HOME/.cache/mmkernels-ci}"
+# torch 2.13.0: a small CPU wheel; which torch sits beside Triton does not change
+# the kernels (torch only launches them), see README "Supported versions".
+TORCH="${MMKERNELS_CI_TORCH:-torch==2.13.0}"
+mkdir -p "$CACHE"
+status=0
+for v in "${VERSIONS[@]}"; do
+    venv="$CACHE/venv-triton-$v"
+    t0=$(date +%s)
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$v')"; then
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q "$TORCH" "triton==$v" numpy pytest
+    fi
+    t1=$(date +%s)
+    echo "== triton $v: venv ready in $((t1 - t0)) s"
+    # The extension is optional here (built for another torch): pure-Python + Triton.
+    if ! env -u TRITON_INTERPRET MMKERNELS_REQUIRE_EXT=0 PYTHONPATH="$PWD" \
+            "$venv/bin/python" tests/triton_aot.py --all-configs > "$CACHE/aot-$v.txt" 2>&1; then
+        status=1
+    fi
+    t2=$(date +%s)
+    grep -E "^triton |^  spill|error" "$CACHE/aot-$v.txt" | head -40
+    echo "== triton $v: AOT compile in $((t2 - t1)) s (full log: $CACHE/aot-$v.txt)"
+    if ! MMKERNELS_REQUIRE_EXT=0 PYTHONPATH="$PWD" "$venv/bin/python" -m pytest -x -q \
+            -p no:cacheprovider tests/test_triton_lane.py; then
+        status=1
+    fi
+    echo "== triton $v: interpreter lane in $(( $(date +%s) - t2 )) s"
+done
+exit $status
