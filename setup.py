@@ -177,6 +177,11 @@ EXTRAS = {
     # peers the benchmarks compare against, when installed (Triton kernels: CUDA only)
     "peers": ["memeff", "inf_cl"],
     "train": ["pillow", "tqdm", "matplotlib"],
+    # The Triton releases the triton backend supports (mmkernels/backends.py
+    # TRITON_SUPPORTED, tested by .ci/triton_versions.sh). torch's CUDA wheels
+    # pin their own: torch 2.11 -> triton 3.6.0, torch 2.14 -> 3.8.0. Outside the
+    # range "auto" skips the triton backend with a warning.
+    "triton": ["triton>=3.6.0,<3.9"],
 }
 
 setup(
