@@ -6,6 +6,7 @@ so a user can fix the call without reading the library.
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -17,6 +18,27 @@ REDUCTIONS = ("mean", "sum", "none")
 class DTypeError(TypeError, ValueError):
     """A tensor of an unsupported dtype: both a TypeError and a ValueError,
     so callers may catch either (API.md lists dtype errors under both)."""
+
+
+def outside_autocast(fn):
+    """Run a public op with torch.autocast off (CPU and CUDA): the autocast policy.
+
+    Under autocast, ATen's O(N*D) ops (the positive logit's vecdot, the row
+    sums of label smoothing, the norms) would run in bf16/fp16 while the
+    kernels' logsumexp stays fp32; ``lse_i - S[i, i]`` then subtracts two
+    differently rounded numbers and can go negative. So every public op
+    ignores autocast: the features reach the kernels in their own dtype (an
+    fp32 input stays fp32, a bf16 input stays bf16) and every O(N*D) term is
+    computed in the kernels' precision (fp32; fp64 for fp64). Autocast still
+    governs the user's model around the loss.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        # Both device types: the op's device is only known after the checks,
+        # and entering a disabled autocast costs nothing (no warning either).
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

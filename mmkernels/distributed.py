@@ -497,6 +497,7 @@ def _global_loss(image_features, text_features, logit_scale, *, group, strategy,
     return _LossOverRanks.apply(share, world, multiplier)
 
 
+@_checks.outside_autocast
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale=1.0, *,
                      group=None, strategy: str = "ring", normalize: bool = False,
                      label_smoothing: float = 0.0, backend: str = "auto") -> Tensor:
@@ -536,6 +537,7 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale=
                         backend=backend, gather_with_grad=True)
 
 
+@_checks.outside_autocast
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, local_loss: bool,
               gather_with_grad: bool, group=None, strategy: str = "ring",
               backend: str = "auto", claimed=None) -> Tensor:

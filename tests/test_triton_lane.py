@@ -33,7 +33,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 LANE = ["test_logsumexp.py", "test_contrastive.py", "test_normalized_similarity.py",
-        "test_clip_loss.py", "test_siglip.py", "test_triton.py"]
+        "test_clip_loss.py", "test_siglip.py", "test_triton.py", "test_autocast.py"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -80,6 +80,7 @@ def _check_common(logit_scale, label_smoothing, reduction, like):
     return _checks.as_scalar_tensor("logit_scale", logit_scale, like)
 
 
+@_checks.outside_autocast
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale=1.0, *,
                      normalize: bool = False, label_smoothing: float = 0.0,
                      reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -137,6 +138,7 @@ def _naive_contrastive(a, b, scale, normalize, label_smoothing, reduction):
     return _reduce(per_pair, reduction)
 
 
+@_checks.outside_autocast
 def info_nce(query: Tensor, keys: Tensor, labels: Tensor | None = None, logit_scale=1.0, *,
              normalize: bool = False, label_smoothing: float = 0.0, reduction: str = "mean",
              backend: str = "auto") -> Tensor:

@@ -172,6 +172,7 @@ def lse(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, backend: str):
     return fwd(a, b, scale, normalize)
 
 
+@_checks.outside_autocast
 def similarity_logsumexp(a: Tensor, b: Tensor, logit_scale=1.0, *, normalize: bool = False,
                          backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Row and column logsumexp of ``S = logit_scale * a @ b.T``, never holding S.

@@ -259,6 +259,7 @@ def check_inputs(image_features, text_features, logit_scale, logit_bias, reducti
     return name, scale, bias
 
 
+@_checks.outside_autocast
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale=1.0, logit_bias=0.0,
                 *, normalize: bool = False, reduction: str = "mean",
                 backend: str = "auto") -> Tensor:

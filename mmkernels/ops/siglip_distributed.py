@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from mmkernels import _checks
 from mmkernels.ops import _common
 from mmkernels.ops import siglip as _siglip
 
@@ -166,6 +167,7 @@ class _SigLipRing(torch.autograd.Function):
         return grad_a, grad_b, grad_scale, grad_bias, None, None, None, None, None
 
 
+@_checks.outside_autocast
 def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_scale=1.0,
                             logit_bias=0.0, *, group=None, exchange: str = "bidir",
                             normalize: bool = False, reduction: str = "mean",

@@ -98,6 +98,7 @@ register_kernels("torch", _torch_similarity_fwd, _torch_similarity_bwd)
 
 # --- public function ------------------------------------------------------------
 
+@_checks.outside_autocast
 def normalized_similarity(a: Tensor, b: Tensor, logit_scale=1.0) -> Tensor:
     """``logit_scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T``, normalization fused.
 
