@@ -179,9 +179,9 @@ EXTRAS = {
     "train": ["pillow", "tqdm", "matplotlib"],
     # The Triton releases the triton backend supports (mmkernels/backends.py
     # TRITON_SUPPORTED, tested by .ci/triton_versions.sh). torch's CUDA wheels
-    # pin their own: torch 2.11 -> triton 3.6.0, torch 2.14 -> 3.8.0. Outside the
+    # pin their own: torch 2.11 -> triton 3.6.0, torch 2.14 -> 3.8.0, torch 2.15 -> 3.9.0. Outside the
     # range "auto" skips the triton backend with a warning.
-    "triton": ["triton>=3.6.0,<3.9"],
+    "triton": ["triton>=3.6.0,<3.10"],
 }
 
 setup(

@@ -6,10 +6,10 @@
 #   2. the interpreter lane (tests/test_triton_lane.py, TRITON_INTERPRET=1).
 # The venvs are kept under $MMKERNELS_CI_CACHE (default ~/.cache/mmkernels-ci), one per
 # Triton version, reused from one run to the next.
-#   .ci/triton_versions.sh [3.6.0 3.8.0]
+#   .ci/triton_versions.sh [3.6.0 3.9.0]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VERSIONS=("${@:-3.6.0 3.8.0}")
+VERSIONS=("${@:-3.6.0 3.9.0}")
 read -r -a VERSIONS <<< "${VERSIONS[*]}"
 CACHE="${MMKERNELS_CI_CACHE:-$HOME/.cache/mmkernels-ci}"
 # torch 2.13.0: a small CPU wheel; which torch sits beside Triton does not change

@@ -62,10 +62,10 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # The Triton releases the kernels are compiled and tested on (.ci/triton_versions.sh
 # compiles every kernel and candidate on the lowest and the highest, and runs the
-# interpreter lane on both): >= 3.6.0 (torch 2.11's pin), < 3.9. Outside it a
+# interpreter lane on both): >= 3.6.0 (torch 2.11's pin), < 3.10 (3.9.0 is torch 2.15's). Outside it a
 # kernel may fail to compile at its first call, so "auto" skips triton instead.
-TRITON_SUPPORTED = ((3, 6), (3, 9))
-TRITON_SUPPORTED_TEXT = ">=3.6.0,<3.9"
+TRITON_SUPPORTED = ((3, 6), (3, 10))
+TRITON_SUPPORTED_TEXT = ">=3.6.0,<3.10"
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

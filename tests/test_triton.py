@@ -927,8 +927,8 @@ def test_cuda_siglip_extra_memory_is_bounded():
 
 # --- supported Triton versions (mmkernels/backends.py) ------------------------------
 
-@pytest.mark.parametrize("found, ok", [("3.6.0", True), ("3.7.1", True), ("3.8.0", True),
-                                       ("3.5.1", False), ("3.4.0", False), ("3.9.0", False)])
+@pytest.mark.parametrize("found, ok", [("3.6.0", True), ("3.7.1", True), ("3.8.0", True), ("3.9.0", True),
+                                       ("3.5.1", False), ("3.4.0", False), ("3.10.0", False)])
 def test_triton_version_range(monkeypatch, found, ok):
     from mmkernels import backends
 
@@ -946,12 +946,12 @@ def test_triton_outside_the_range_auto_warns_once_and_named_raises(monkeypatch):
 
     from mmkernels import backends
 
-    reason = "triton 3.4.0 is installed; mmkernels' Triton kernels support triton >=3.6.0,<3.9"
+    reason = "triton 3.4.0 is installed; mmkernels' Triton kernels support triton >=3.6.0,<3.10"
     monkeypatch.setattr(backends, "_TRITON_VERSION_PROBLEM", reason)
     monkeypatch.setattr(backends, "_warned_triton_version", False)
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     cuda = torch.device("cuda")
-    with pytest.warns(RuntimeWarning, match="3.4.0.*>=3.6.0,<3.9"):
+    with pytest.warns(RuntimeWarning, match="3.4.0.*>=3.6.0,<3.10"):
         assert backends.select_backend("auto", cuda) != "triton"
     with warnings.catch_warnings():
         warnings.simplefilter("error")

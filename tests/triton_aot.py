@@ -161,6 +161,15 @@ def check(arch_names, dtypes, all_configs=False, out=sys.stdout, only=None):
     return results
 
 
+def _check_group(group, all_configs, only):
+    """check() for one (arch name, dtype name) pair; results without the config objects."""
+    arch_name, dtype_name = group
+    dtype = dtype_name if dtype_name == "tf32" else getattr(torch, dtype_name)
+    return [(name, arch, label, str(config), usage)
+            for name, arch, label, config, usage in check([arch_name], [dtype], all_configs,
+                                                         only=only)]
+
+
 def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler")
@@ -170,9 +179,22 @@ def main():
                         help="torch dtype names, or tf32 (float32 under matmul precision 'high')")
     parser.add_argument("--all-configs", action="store_true", help="every autotune candidate, not the first")
     parser.add_argument("--kernel", nargs="+", help="only these kernels (e.g. _siglip_fwd_kernel)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compile the (arch, dtype) groups in this many processes")
     ns = parser.parse_args()
-    dtypes = [name if name == "tf32" else getattr(torch, name) for name in ns.dtype]
-    results = check(ns.arch, dtypes, ns.all_configs, only=set(ns.kernel) if ns.kernel else None)
+    only = set(ns.kernel) if ns.kernel else None
+    groups = [(arch, dtype) for arch in ns.arch for dtype in ns.dtype]
+    if ns.jobs > 1:
+        # Each group in its own process (ptxas and Triton's passes are single-threaded);
+        # fork before the parent has run any torch op, so no thread pool is inherited.
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+        with ProcessPoolExecutor(ns.jobs, mp_context=get_context("fork")) as pool:
+            parts = pool.map(_check_group, groups, [ns.all_configs] * len(groups),
+                             [only] * len(groups))
+            results = [r for part in parts for r in part]
+    else:
+        results = [r for g in groups for r in _check_group(g, ns.all_configs, only)]
     failed = [r for r in results if "error" in r[4]]
     spills = [r for r in results if r[4].get("local", 0) or r[4].get("stack", 0)]
     import triton
