@@ -20,7 +20,14 @@ from mmkernels.nn import ClipLoss, SigLipLoss
 from mmkernels.ops import contrastive_loss, info_nce, normalized_similarity, similarity_logsumexp
 from mmkernels.ops import siglip_loss
 
-backends.load_available_kernels()
+
+# Every backend usable in this process registers its kernels now (the torch and
+# naive backends did, with mmkernels.ops): torch.compile can then trace any call
+# without meeting an import, and a backend not usable now has none (its error says why).
+if backends.usable_in_process("triton"):
+    import mmkernels.triton  # noqa: E402,F401
+if backends.usable_in_process("cpu") or backends.usable_in_process("cuda"):
+    import mmkernels.compiled  # noqa: E402,F401
 
 __all__ = [
     "ClipLoss",

@@ -1,7 +1,8 @@
 """Backend names, availability, and the one function that picks a backend.
 
 A backend is a family of kernels for the library's primitives (see
-mmkernels/ops/logsumexp.py). Every loss asks :func:`select_backend` for a
+mmkernels/ops/logsumexp.py), registered in each op's kernel table
+(mmkernels/ops/_registry.py). Every loss asks :func:`select_backend` for a
 name and hands it to the primitive; the losses never know which kernels ran.
 
 =========  =================================================================
@@ -26,7 +27,6 @@ traces through it with no graph break.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import importlib.util
 import os
@@ -46,16 +46,6 @@ AUTO_ORDER = {
 }
 
 ENV_VAR = "MMKERNELS_BACKEND"
-
-# The module whose import registers a backend's kernels with every op module
-# (ops/logsumexp.py and its siblings keep a registry each). "naive" has none:
-# it is plain autograd over the materialized matrix.
-KERNEL_MODULES = {
-    "torch": "mmkernels.ops",
-    "triton": "mmkernels.triton",
-    "cpu": "mmkernels.ops.cpp",
-    "cuda": "mmkernels.ops.cpp",
-}
 
 # Facts fixed for the life of the process, read once at import.
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -177,17 +167,10 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return names
 
 
-def load_kernels(name: str) -> None:
-    """Import the module that registers backend ``name``'s kernels (idempotent)."""
-    importlib.import_module(KERNEL_MODULES[name])
-
-
-def load_available_kernels() -> None:
-    """Import the kernels of every backend usable in this process, so that
-    torch.compile later finds them registered (it cannot trace an import)."""
+def usable_in_process(name: str) -> bool:
+    """Whether backend ``name`` can run on some device of this process (the CPU, and
+    the GPU when one is present): ``import mmkernels`` registers its kernels then."""
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))
-    for name in KERNEL_MODULES:
-        if any(why_unavailable(name, dev) is None for dev in devices):
-            load_kernels(name)
+    return any(why_unavailable(name, device) is None for device in devices)

@@ -440,10 +440,8 @@ class _RingLogSumExp(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _kernels(name: str):
-    if name not in _lse._KERNELS:
-        backends.load_kernels(name)
-    return _lse._KERNELS[name]
+def _kernels(name: str, device: torch.device):
+    return _lse.KERNELS.kernels(name, device)
 
 
 # --- gather strategy -----------------------------------------------------------
@@ -474,7 +472,7 @@ def _global_loss(image_features, text_features, logit_scale, *, group, strategy,
         scale = _SharedScalar.apply(scale, world, multiplier)
     if strategy == "ring":
         row_lse, col_lse = _RingLogSumExp.apply(image_features, text_features, scale, normalize,
-                                                world, _kernels(name))
+                                                world, _kernels(name, image_features.device))
     else:
         row_lse, col_lse = _gather_lse(image_features, text_features, scale, normalize, world,
                                        name)

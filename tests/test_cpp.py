@@ -122,8 +122,8 @@ def _lse(normalize):
 def test_isas_listed_and_portable_one_present():
     isas = _extension._C.cpu_isas()
     assert isas[-1] == "generic" and _extension._C.cpu_isa() == isas[0]
-    from mmkernels.ops import cpp
-    assert cpp.cpu_isa() == isas[0]
+    from mmkernels import compiled
+    assert compiled.cpu_isa() == isas[0]
     with pytest.raises(ValueError, match="'sse9'"):
         _extension._C.set_cpu_isa("sse9")
 
@@ -220,7 +220,7 @@ def test_exp_accuracy_through_softmax_grad(cpu_tiles):
     """The backward's P sums to g_row + g_col per row/column (softmax rows sum
     to 1): a direct check of the vectorized exp over a wide range of logits."""
     cpu_tiles(16, 48)
-    from mmkernels.ops import cpp
+    from mmkernels import compiled
     for name in _extension._C.cpu_isas():
         previous = _extension._C.cpu_isa()
         _extension._C.set_cpu_isa(name)
@@ -228,7 +228,7 @@ def test_exp_accuracy_through_softmax_grad(cpu_tiles):
             a = torch.randn(50, 3) * 4
             b = torch.randn(70, 3) * 4
             scale = torch.tensor(3.0)
-            row, col = cpp.lse_fwd(a, b, scale, False)
+            row, col = compiled.lse_fwd(a, b, scale, False)
             s = (scale * a.double() @ b.double().T)
             torch.testing.assert_close(row.double(), torch.logsumexp(s, 1), rtol=1e-6, atol=1e-5)
             torch.testing.assert_close(col.double(), torch.logsumexp(s, 0), rtol=1e-6, atol=1e-5)
@@ -236,7 +236,7 @@ def test_exp_accuracy_through_softmax_grad(cpu_tiles):
             ones_b = torch.cat([b, torch.ones(70, 1)], 1)
             ones_a = torch.cat([a, torch.zeros(50, 1)], 1)
             g_row, g_col = torch.rand(50), torch.zeros(70)
-            pb, _ = cpp.lse_bwd(ones_a, ones_b, scale, False, row, col, g_row, g_col)
+            pb, _ = compiled.lse_bwd(ones_a, ones_b, scale, False, row, col, g_row, g_col)
             # exact up to the fp32 rounding of the logits themselves (|S| in the hundreds)
             rtol = fp32_logit_rtol(s.abs().max().item())
             torch.testing.assert_close(pb[:, -1], g_row, rtol=rtol, atol=1e-6)
@@ -256,30 +256,31 @@ def test_noncontiguous_inputs(dtype):
 @needs_cpu_ext
 def test_similarity_runs_on_cpu_kernels(monkeypatch):
     """normalized_similarity with "auto" on CPU goes through the C++ op."""
-    from mmkernels.ops import cpp, similarity
+    from mmkernels import compiled
+    from mmkernels.ops import similarity
 
     calls = []
-    fwd = similarity._KERNELS["cpu"][0]
-    monkeypatch.setitem(similarity._KERNELS, "cpu",
-                        (lambda *args: calls.append(1) or fwd(*args), similarity._KERNELS["cpu"][1]))
+    fwd, bwd = similarity.KERNELS["cpu"]
+    monkeypatch.setitem(similarity.KERNELS._pairs, "cpu",
+                        (lambda *args: calls.append(1) or fwd(*args), bwd))
     monkeypatch.delenv("MMKERNELS_BACKEND", raising=False)
     a, b = torch.randn(70, 9, dtype=torch.bfloat16), torch.randn(600, 9, dtype=torch.bfloat16)
     out = mmkernels.normalized_similarity(a, b, 3.0)
     assert calls == [1] and out.dtype == torch.bfloat16
     want = 3.0 * F.normalize(a.double(), dim=1) @ F.normalize(b.double(), dim=1).T
     torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2)
-    assert cpp.similarity_fwd is fwd
+    assert compiled.similarity_fwd is fwd
 
 
 @needs_cpu_ext
 def test_cpp_op_errors_name_the_argument():
-    from mmkernels.ops import cpp
+    from mmkernels import compiled
 
     s = torch.tensor(1.0)
     with pytest.raises(RuntimeError, match="same D"):
-        cpp.lse_fwd(torch.randn(3, 4), torch.randn(3, 5), s, False)
+        compiled.lse_fwd(torch.randn(3, 4), torch.randn(3, 5), s, False)
     with pytest.raises(RuntimeError, match="g_col"):
-        cpp.lse_bwd(torch.randn(3, 4), torch.randn(5, 4), s, False, torch.zeros(3), torch.zeros(5),
+        compiled.lse_bwd(torch.randn(3, 4), torch.randn(5, 4), s, False, torch.zeros(3), torch.zeros(5),
                     torch.zeros(3), torch.zeros(4))
 
 
@@ -391,18 +392,18 @@ def test_cuda_normalized_similarity(dtype, monkeypatch):
 @needs_cuda_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_opcheck(dtype):
-    from mmkernels.ops import cpp
+    from mmkernels import compiled
 
     a = torch.randn(70, 5, device="cuda", dtype=dtype, requires_grad=True)
     b = torch.randn(66, 5, device="cuda", dtype=dtype, requires_grad=True)
     s = torch.tensor(2.0, device="cuda", requires_grad=True)
     for normalize in (False, True):
-        torch.library.opcheck(cpp.lse_fwd, (a, b, s, normalize))
-        row, col = cpp.lse_fwd(a, b, s, normalize)
-        torch.library.opcheck(cpp.lse_bwd, (a.detach(), b.detach(), s.detach(), normalize, row.detach(),
+        torch.library.opcheck(compiled.lse_fwd, (a, b, s, normalize))
+        row, col = compiled.lse_fwd(a, b, s, normalize)
+        torch.library.opcheck(compiled.lse_bwd, (a.detach(), b.detach(), s.detach(), normalize, row.detach(),
                                             col.detach(), torch.rand_like(row), torch.rand_like(col)))
-    torch.library.opcheck(cpp.similarity_fwd, (a, b, s))
-    torch.library.opcheck(cpp.similarity_bwd, (a.detach(), b.detach(), s.detach(),
+    torch.library.opcheck(compiled.similarity_fwd, (a, b, s))
+    torch.library.opcheck(compiled.similarity_bwd, (a.detach(), b.detach(), s.detach(),
                                                torch.randn(70, 66, device="cuda", dtype=dtype)))
 
 

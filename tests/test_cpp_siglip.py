@@ -30,9 +30,9 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _ops():
-    from mmkernels.ops import cpp
+    from mmkernels import compiled
 
-    return cpp.siglip_fwd, cpp.siglip_bwd
+    return compiled.siglip_fwd, compiled.siglip_bwd
 
 
 def _check_contract(a, b, scale, bias, normalize, positives, g_row, rtol=2e-5, what=""):

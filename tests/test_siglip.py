@@ -146,7 +146,7 @@ def test_siglip_nonfinite_input_gives_nonfinite_output(backend, value):
 def _registered(backend):
     if backend == "naive":
         pytest.skip("naive registers no kernels: its pair is the reference itself")
-    return siglip.kernels(backend, backend)
+    return siglip.KERNELS.kernels(backend, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("n,m,d", [(1, 1, 1), (9, 4, 3), (4, 9, 5), (17, 33, 7)])
@@ -226,16 +226,21 @@ def test_compile_fullgraph_inductor_auto_backend():
 # --- backend selection --------------------------------------------------------------
 
 def test_backend_without_siglip_kernels(monkeypatch):
-    """Asked for by name (argument or MMKERNELS_BACKEND), a backend with no siglip
-    kernels says so; picked by "auto", it falls back to the torch backend's."""
-    monkeypatch.setattr(siglip.backends, "load_kernels", lambda name: None)
-    monkeypatch.delenv(siglip.backends.ENV_VAR, raising=False)
-    with pytest.raises(NotImplementedError, match="'newchip' has no siglip_loss kernels"):
-        siglip.kernels("newchip", "newchip")
-    assert siglip.kernels("newchip", "auto") == siglip._KERNELS["torch"]
-    monkeypatch.setenv(siglip.backends.ENV_VAR, "newchip")
-    with pytest.raises(NotImplementedError, match="'newchip'"):
-        siglip.kernels("newchip", "auto")
+    """One policy for a backend with no kernels in an op's table, whether asked for by
+    name or picked by "auto": an error naming the backend, the op and why; never
+    another backend's kernels in its place."""
+    monkeypatch.delitem(siglip.KERNELS._pairs, "torch")
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="backend 'torch' has no siglip_loss kernels"):
+        mmkernels.siglip_loss(a, b, backend="torch")
+    monkeypatch.setenv(siglip.backends.ENV_VAR, "torch")
+    with pytest.raises(RuntimeError, match="'torch' has no siglip_loss kernels.*imported"):
+        mmkernels.siglip_loss(a, b)
+    with pytest.raises(RuntimeError, match="'newchip' has no siglip_loss kernels.*no such backend"):
+        siglip.KERNELS.kernels("newchip", a.device)
+    if "triton" not in siglip.KERNELS and not siglip.backends._triton_interpreting():
+        with pytest.raises(RuntimeError, match="'triton'.*(TRITON_INTERPRET|not installed|triton)"):
+            siglip.KERNELS.kernels("triton", a.device)
 
 
 # --- SigLipLoss against open_clip ------------------------------------------------------

@@ -309,7 +309,7 @@ def test_opcheck_schema_autograd_and_fake_kernels():
     from mmkernels.ops import logsumexp, similarity
 
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    fwd, bwd = logsumexp._KERNELS["triton"]
+    fwd, bwd = logsumexp.KERNELS["triton"]
     a = torch.randn(9, 5, dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(7, 5, dtype=torch.bfloat16, requires_grad=True)
     s = torch.tensor(2.0, requires_grad=True)
@@ -318,7 +318,7 @@ def test_opcheck_schema_autograd_and_fake_kernels():
         row, col = fwd(a, b, s, normalize)
         torch.library.opcheck(bwd, (a.detach(), b.detach(), s.detach(), normalize, row, col,
                                     torch.rand_like(row), torch.rand_like(col)), test_utils=checks)
-    sfwd, sbwd = similarity._KERNELS["triton"]
+    sfwd, sbwd = similarity.KERNELS["triton"]
     torch.library.opcheck(sfwd, (a, b, s), test_utils=checks)
     torch.library.opcheck(sbwd, (a.detach(), b.detach(), s.detach(), torch.randn(9, 7, dtype=torch.bfloat16)),
                           test_utils=checks)
@@ -337,7 +337,7 @@ def test_tracing_under_the_interpreter_says_why_it_cannot():
 def _siglip_contract(n, m, d, positives, normalize, scale=7.0, bias=-3.0, dtype=torch.float32,
                      a=None, b=None):
     """The triton siglip fwd/bwd ops against fwd_reference/bwd_reference (fp64), per element."""
-    fwd, bwd = siglip_op._KERNELS["triton"]
+    fwd, bwd = siglip_op.KERNELS["triton"]
     a = torch.randn(n, d) * 2 if a is None else a
     b = torch.randn(m, d) if b is None else b
     a, b = a.to(dtype), b.to(dtype)
@@ -469,7 +469,7 @@ def test_siglip_autotuning_trials_leave_no_trace(autotuning_trials):
 def test_siglip_opcheck_schema_autograd_and_fake_kernels():
     """opcheck's eager checks on the siglip ops (tracing them needs a GPU, below)."""
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    fwd, bwd = siglip_op._KERNELS["triton"]
+    fwd, bwd = siglip_op.KERNELS["triton"]
     a = torch.randn(9, 5, dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(7, 5, dtype=torch.bfloat16, requires_grad=True)
     s = torch.tensor(2.0, requires_grad=True)
@@ -486,7 +486,7 @@ def test_siglip_loss_picks_triton_kernels_under_the_interpreter():
     the Triton kernels on CPU tensors; the result is open_clip's value."""
     from mmkernels.ops import siglip
 
-    assert siglip.kernels("triton", "triton") == (siglip_kernels.triton_siglip_fwd,
+    assert siglip.KERNELS.kernels("triton", torch.device("cpu")) == (siglip_kernels.triton_siglip_fwd,
                                                   siglip_kernels.triton_siglip_bwd)
     a, b = torch.randn(10, 6), torch.randn(10, 6)
     want = siglip_op.siglip_matrix_loss(a, b, torch.tensor(3.0), torch.tensor(-2.0), False, True).sum() / 10
@@ -623,13 +623,14 @@ def test_siglip_kernels_compile_for_ampere_without_spills():
 def test_auto_picks_the_triton_siglip_kernels_for_cuda_tensors(monkeypatch):
     """On CUDA tensors "auto" resolves to triton, whose siglip kernels are registered
     (pure Python: needs no GPU)."""
+    import mmkernels.triton  # noqa: F401  (import mmkernels registers it only where it runs)
     from mmkernels import backends
 
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     name = backends.select_backend("auto", torch.device("cuda"))
     assert name == "triton"
-    assert siglip_op.kernels(name, "auto") == (siglip_kernels.triton_siglip_fwd,
-                                               siglip_kernels.triton_siglip_bwd)
+    assert siglip_op.KERNELS.kernels(name, torch.device("cuda")) == (
+        siglip_kernels.triton_siglip_fwd, siglip_kernels.triton_siglip_bwd)
 
 
 # --- GPU ----------------------------------------------------------------------------
@@ -712,12 +713,12 @@ def test_cuda_opcheck_and_compile_fullgraph():
 
     a, b = _cuda_inputs(300, 200, 96, torch.bfloat16)
     s = torch.tensor(3.0, device="cuda")
-    fwd, bwd = logsumexp._KERNELS["triton"]
+    fwd, bwd = logsumexp.KERNELS["triton"]
     for normalize in (False, True):
         torch.library.opcheck(fwd, (a, b, s, normalize))
         row, col = fwd(a, b, s, normalize)
         torch.library.opcheck(bwd, (a, b, s, normalize, row, col, torch.rand_like(row), torch.rand_like(col)))
-    sfwd, sbwd = similarity._KERNELS["triton"]
+    sfwd, sbwd = similarity.KERNELS["triton"]
     torch.library.opcheck(sfwd, (a, b, s))
     torch.library.opcheck(sbwd, (a, b, s, torch.randn(300, 200, device="cuda", dtype=torch.bfloat16)))
 
@@ -795,7 +796,7 @@ def test_cuda_siglip_kernels_match_fp64(dtype, n, m, d, positives, normalize):
     a, b = _cuda_inputs(n, m, d, dtype)
     if not normalize:
         a, b = a / d ** 0.5, b / d ** 0.5       # |x| ~ scale, as for normalized features
-    fwd, bwd = siglip_op._KERNELS["triton"]
+    fwd, bwd = siglip_op.KERNELS["triton"]
     s = torch.tensor(10.0, device="cuda")
     t = torch.tensor(-10.0, device="cuda")
     g_row = torch.rand(n, device="cuda") / n
@@ -838,7 +839,7 @@ def test_cuda_siglip_large_logits_and_learnt_pairs():
     must keep fp32's relative precision, element by element."""
     a, b = _cuda_inputs(1000, 1200, 64, torch.float32)
     a = a * torch.linspace(0.1, 4, 1000, device="cuda").unsqueeze(1)
-    fwd, bwd = siglip_op._KERNELS["triton"]
+    fwd, bwd = siglip_op.KERNELS["triton"]
     s, t = torch.tensor(100.0, device="cuda"), torch.tensor(-10.0, device="cuda")
     largest = (100 * a.double() @ b.double().T).abs().max().item()
     rtol = fp32_logit_rtol(largest)
@@ -864,7 +865,7 @@ def test_cuda_siglip_large_logits_and_learnt_pairs():
 
 @pytest.mark.cuda
 def test_cuda_siglip_opcheck_and_compile_fullgraph():
-    fwd, bwd = siglip_op._KERNELS["triton"]
+    fwd, bwd = siglip_op.KERNELS["triton"]
     a, b = _cuda_inputs(300, 200, 96, torch.bfloat16)
     s, t = torch.tensor(3.0, device="cuda"), torch.tensor(-2.0, device="cuda")
     for normalize, positives in ((False, True), (True, False)):

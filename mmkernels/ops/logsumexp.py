@@ -26,13 +26,15 @@ row and per column (never a fixed shift that assumes |cos| <= 1), so
 unnormalized inputs with scale = 100 stay exact. Memory: the tiled backends
 hold O(N*D) plus a tile, never S.
 
-Kernel contract (what each backend registers with :func:`register_kernels`)
----------------------------------------------------------------------------
+Kernel contract (what each backend registers in :data:`KERNELS`)
+-----------------------------------------------------------------
 ``fwd(a, b, scale, normalize) -> (row_lse, col_lse)`` and
 ``bwd(a, b, scale, normalize, row_lse, col_lse, g_row, g_col) -> (pb, pa)``,
 both torch.library ops. ``a``, ``b``: (N, D), (M, D), any strides, dtype
 fp16/bf16/fp32/fp64; ``scale``: 0-dim tensor in the compute dtype on the
-same device; outputs in the compute dtype.
+same device; outputs in the compute dtype. :func:`fwd_reference` and
+:func:`bwd_reference` are the contract computed on the materialized S (the
+naive backend's pair): a new backend's kernels are tested against them.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from torch import Tensor
 from mmkernels import _checks, backends
 from mmkernels.ops import _common
 from mmkernels.ops._common import TileBuffers, scaled_operand, tiles
+from mmkernels.ops._registry import KernelTable
 
 
 # --- reference --------------------------------------------------------------
@@ -57,6 +60,22 @@ def lse_reference(a: Tensor, b: Tensor, scale: Tensor, normalize: bool) -> tuple
     """The primitive computed from the materialized S, differentiable by plain autograd."""
     s = similarity_matrix(a, b, scale, normalize)
     return torch.logsumexp(s, dim=1), torch.logsumexp(s, dim=0)
+
+
+def fwd_reference(a: Tensor, b: Tensor, scale: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    """The forward kernel's contract, on the materialized S."""
+    with torch.no_grad():
+        return lse_reference(a, b, scale, normalize)
+
+
+def bwd_reference(a, b, scale, normalize, row_lse, col_lse, g_row, g_col):
+    """The backward kernel's contract, on the materialized S: (P @ Bh, P.T @ Ah)."""
+    with torch.no_grad():
+        ah, bh = scaled_operand(a, normalize), scaled_operand(b, normalize)
+        s = scale * (ah @ bh.T)
+        p = (g_row.unsqueeze(1) * torch.exp(s - row_lse.unsqueeze(1))
+             + g_col * torch.exp(s - col_lse))
+        return p @ bh, p.T @ ah
 
 
 # --- autograd and fake kernels, shared by every backend ---------------------
@@ -94,19 +113,9 @@ def _backward_through(bwd_op):
     return backward
 
 
-# backend name -> (forward op, backward op)
-_KERNELS: dict[str, tuple] = {}
-
-
-def register_kernels(backend: str, fwd, bwd, *, register_fake: bool = True) -> None:
-    """Make ``fwd``/``bwd`` (torch.library ops obeying the kernel contract
-    above) the primitive of ``backend``: attaches the shared autograd formula
-    and, unless the op derives its own (triton_op), the fake kernels."""
-    if register_fake:
-        torch.library.register_fake(fwd, _fwd_fake)
-        torch.library.register_fake(bwd, _bwd_fake)
-    torch.library.register_autograd(fwd, _backward_through(bwd), setup_context=_setup_context)
-    _KERNELS[backend] = (fwd, bwd)
+KERNELS = KernelTable("similarity_logsumexp", fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+                      setup_context=_setup_context, backward=_backward_through)
+KERNELS.register("naive", fwd_reference, bwd_reference, autograd=False)
 
 
 # --- torch backend: tiled pure PyTorch --------------------------------------
@@ -157,18 +166,16 @@ def _torch_lse_bwd(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, row_lse
     return pb, pa
 
 
-register_kernels("torch", _torch_lse_fwd, _torch_lse_bwd)
+KERNELS.register("torch", _torch_lse_fwd, _torch_lse_bwd)
 
 
 # --- dispatch and public function --------------------------------------------
 
 def lse(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, backend: str):
     """The primitive on a resolved backend, for inputs already checked. Differentiable."""
-    if backend == "naive":
+    if backend == "naive":  # plain autograd through the materialized S
         return lse_reference(a, b, scale, normalize)
-    if backend not in _KERNELS:
-        backends.load_kernels(backend)
-    fwd, _ = _KERNELS[backend]
+    fwd, _ = KERNELS.kernels(backend, a.device)
     return fwd(a, b, scale, normalize)
 
 

@@ -39,8 +39,8 @@ never as ``sigmoid(x) - 1``, which would lose every digit once the pair is
 learnt (x >> 0). Per-row sums accumulate in the compute dtype. The tiled
 backends hold O(N*D) plus a tile, never the N x M matrix.
 
-Kernel contract (what each backend registers with :func:`register_kernels`)
----------------------------------------------------------------------------
+Kernel contract (what each backend registers in :data:`KERNELS`)
+-----------------------------------------------------------------
 Two torch.library ops::
 
     fwd(a, b, scale, bias, normalize, positives_on_diagonal) -> row          (N,)
@@ -60,8 +60,6 @@ a new backend's kernels are tested against them (tests/test_siglip.py).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -69,6 +67,7 @@ from torch import Tensor
 from mmkernels import _checks, backends
 from mmkernels.ops import _common
 from mmkernels.ops._common import TileBuffers, scaled_operand, tiles
+from mmkernels.ops._registry import KernelTable
 from mmkernels.ops.logsumexp import similarity_matrix
 
 
@@ -143,19 +142,9 @@ def _backward_through(bwd_op):
     return backward
 
 
-# backend name -> (forward op, backward op)
-_KERNELS: dict[str, tuple] = {}
-
-
-def register_kernels(backend: str, fwd, bwd, *, register_fake: bool = True) -> None:
-    """Make ``fwd``/``bwd`` (torch.library ops obeying the kernel contract above)
-    siglip_loss's kernels on ``backend``: attaches the shared autograd formula
-    and, unless the op derives its own (triton_op), the fake kernels."""
-    if register_fake:
-        torch.library.register_fake(fwd, _fwd_fake)
-        torch.library.register_fake(bwd, _bwd_fake)
-    torch.library.register_autograd(fwd, _backward_through(bwd), setup_context=_setup_context)
-    _KERNELS[backend] = (fwd, bwd)
+KERNELS = KernelTable("siglip_loss", fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+                      setup_context=_setup_context, backward=_backward_through)
+KERNELS.register("naive", fwd_reference, bwd_reference, autograd=False)
 
 
 # --- torch backend: tiled pure PyTorch ------------------------------------------
@@ -216,29 +205,10 @@ def _torch_siglip_bwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, normali
     return pb, pa, p_row
 
 
-register_kernels("torch", _torch_siglip_fwd, _torch_siglip_bwd)
+KERNELS.register("torch", _torch_siglip_fwd, _torch_siglip_bwd)
 
 
 # --- dispatch and public function ------------------------------------------------
-
-def kernels(name: str, requested: str = "auto"):
-    """(fwd, bwd) obeying the kernel contract on the resolved backend ``name``.
-
-    "naive" gets the materialized reference pair. A backend with no siglip
-    kernels yet runs the torch backend's when it was picked by "auto", and
-    raises when it was asked for by name (argument or MMKERNELS_BACKEND).
-    """
-    if name == "naive":
-        return fwd_reference, bwd_reference
-    if name not in _KERNELS:
-        backends.load_kernels(name)
-    if name in _KERNELS:
-        return _KERNELS[name]
-    if requested == "auto" and os.environ.get(backends.ENV_VAR, "auto") == "auto":
-        return _KERNELS["torch"]
-    raise NotImplementedError(f"backend {name!r} has no siglip_loss kernels yet; "
-                              "use backend='torch' (tiled, any device) or 'auto'")
-
 
 def _reduce(per_row: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":  # open_clip's SigLipLoss: the total over the batch size N
@@ -291,6 +261,6 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale=1.0, 
     if name == "naive":
         per_row = siglip_matrix_loss(image_features, text_features, scale, bias, normalize, True)
     else:
-        fwd, _ = kernels(name, backend)
+        fwd, _ = KERNELS.kernels(name, image_features.device)
         per_row = fwd(image_features, text_features, scale, bias, normalize, True)
     return _reduce(per_row, reduction)

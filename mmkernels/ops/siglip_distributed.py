@@ -200,7 +200,7 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("siglip_loss_distributed: torch.distributed is not initialized; "
                            "call torch.distributed.init_process_group first")
-    fwd, bwd = _siglip.kernels(name, backend)
+    fwd, bwd = _siglip.KERNELS.kernels(name, image_features.device)
     ring = _Ring(group)
     per_row = _SigLipRing.apply(image_features, text_features, scale, bias, normalize, fwd, bwd,
                                 ring, ring_rounds(ring.size, exchange))

@@ -17,8 +17,8 @@ Products accumulate in fp32 (fp64 for fp64 inputs); S is returned in the
 input dtype (this op's job is to return S whole). The rows' scale factors are
 applied in fp32 before the one rounding to the output dtype.
 
-Kernel contract (:func:`register_kernels`)
-------------------------------------------
+Kernel contract (what each backend registers in :data:`KERNELS`)
+-----------------------------------------------------------------
 ``fwd(a, b, scale) -> S`` (input dtype) and ``bwd(a, b, scale, grad) -> (pb, pa)``
 (compute dtype).
 """
@@ -31,11 +31,7 @@ from torch import Tensor
 from mmkernels import _checks, backends
 from mmkernels.ops import _common
 from mmkernels.ops._common import scaled_operand
-
-
-def similarity_reference(a: Tensor, b: Tensor, scale) -> Tensor:
-    """``scale * F.normalize(a) @ F.normalize(b).T`` in the compute dtype (plain autograd)."""
-    return scale * (scaled_operand(a, True) @ scaled_operand(b, True).T)
+from mmkernels.ops._registry import KernelTable
 
 
 # --- autograd and fake kernels, shared by every backend ---------------------
@@ -62,16 +58,8 @@ def _backward_through(bwd_op):
     return backward
 
 
-_KERNELS: dict[str, tuple] = {}
-
-
-def register_kernels(backend: str, fwd, bwd, *, register_fake: bool = True) -> None:
-    """Make ``fwd``/``bwd`` (ops obeying the contract above) this op's kernels on ``backend``."""
-    if register_fake:
-        torch.library.register_fake(fwd, _fwd_fake)
-        torch.library.register_fake(bwd, _bwd_fake)
-    torch.library.register_autograd(fwd, _backward_through(bwd), setup_context=_setup_context)
-    _KERNELS[backend] = (fwd, bwd)
+KERNELS = KernelTable("normalized_similarity", fwd_fake=_fwd_fake, bwd_fake=_bwd_fake,
+                      setup_context=_setup_context, backward=_backward_through)
 
 
 # --- torch backend -------------------------------------------------------------
@@ -93,7 +81,8 @@ def _torch_similarity_bwd(a: Tensor, b: Tensor, scale: Tensor, grad: Tensor) -> 
     return g @ bh, g.T @ ah
 
 
-register_kernels("torch", _torch_similarity_fwd, _torch_similarity_bwd)
+# "naive" has nothing simpler to offer than this (the matrix is the output): the same pair.
+KERNELS.register(("torch", "naive"), _torch_similarity_fwd, _torch_similarity_bwd)
 
 
 # --- public function ------------------------------------------------------------
@@ -115,8 +104,5 @@ def normalized_similarity(a: Tensor, b: Tensor, logit_scale=1.0) -> Tensor:
     _checks.check_pair("a", a, "b", b, same_rows=False)
     name = backends.select_backend("auto", a.device)
     scale = _checks.as_scalar_tensor("logit_scale", logit_scale, a)
-    if name != "naive" and name not in _KERNELS:
-        backends.load_kernels(name)
-    # naive, and a backend without a kernel for this op, use the PyTorch version.
-    fwd, _ = _KERNELS.get(name, _KERNELS["torch"])
+    fwd, _ = KERNELS.kernels(name, a.device)
     return fwd(a, b, scale)

@@ -51,10 +51,10 @@ from mmkernels.triton.siglip import triton_siglip_bwd, triton_siglip_fwd
 from mmkernels.triton.similarity import triton_similarity_bwd, triton_similarity_fwd
 
 # triton_op derives its own fake (meta) kernels from the Python launchers.
-_logsumexp_op.register_kernels("triton", triton_lse_fwd, triton_lse_bwd, register_fake=False)
-_similarity_op.register_kernels("triton", triton_similarity_fwd, triton_similarity_bwd,
+_logsumexp_op.KERNELS.register("triton", triton_lse_fwd, triton_lse_bwd, register_fake=False)
+_similarity_op.KERNELS.register("triton", triton_similarity_fwd, triton_similarity_bwd,
                                 register_fake=False)
-_siglip_op.register_kernels("triton", triton_siglip_fwd, triton_siglip_bwd, register_fake=False)
+_siglip_op.KERNELS.register("triton", triton_siglip_fwd, triton_siglip_bwd, register_fake=False)
 
 __all__ = ["triton_lse_fwd", "triton_lse_bwd", "triton_similarity_fwd", "triton_similarity_bwd",
            "triton_siglip_fwd", "triton_siglip_bwd"]

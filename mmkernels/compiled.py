@@ -1,8 +1,9 @@
 r"""The compiled backends ``cpu`` and ``cuda``: the C++ kernels of csrc/.
 
-Importing this module registers them with every op module (the primitive of
-mmkernels/ops/logsumexp.py, SigLIP's loss of siglip.py and normalized_similarity
-of similarity.py). The
+Importing this module registers them in the kernel table of every op family
+(the primitive of mmkernels/ops/logsumexp.py, SigLIP's loss of siglip.py and
+normalized_similarity of similarity.py); ``import mmkernels`` does so when the
+extension is built. The
 extension mmkernels._C defines the op schemas once, in C++ (csrc/ops.cpp),
 and implements them for the CPU (csrc/cpu/) and, when built with them, the
 CUDA (csrc/cuda/) dispatch keys; the same op serves both backend names,
@@ -47,16 +48,11 @@ siglip_bwd = _ops.cpp_siglip_bwd.default
 similarity_fwd = _ops.cpp_similarity_fwd.default
 similarity_bwd = _ops.cpp_similarity_bwd.default
 
-# One op pair for both names: register its autograd and fake kernels once,
-# then let the second name point at the same pair.
+# One op pair serves both names, dispatched on the tensors' device.
 BACKENDS = ("cpu", "cuda")
-logsumexp.register_kernels(BACKENDS[0], lse_fwd, lse_bwd)
-siglip.register_kernels(BACKENDS[0], siglip_fwd, siglip_bwd)
-similarity.register_kernels(BACKENDS[0], similarity_fwd, similarity_bwd)
-for _name in BACKENDS[1:]:
-    logsumexp._KERNELS[_name] = logsumexp._KERNELS[BACKENDS[0]]
-    siglip._KERNELS[_name] = siglip._KERNELS[BACKENDS[0]]
-    similarity._KERNELS[_name] = similarity._KERNELS[BACKENDS[0]]
+logsumexp.KERNELS.register(BACKENDS, lse_fwd, lse_bwd)
+siglip.KERNELS.register(BACKENDS, siglip_fwd, siglip_bwd)
+similarity.KERNELS.register(BACKENDS, similarity_fwd, similarity_bwd)
 
 
 def cpu_isa() -> str:
