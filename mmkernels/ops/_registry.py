@@ -81,8 +81,8 @@ class KernelTable:
             return pair
         reason = backends.why_unavailable(name, device) if name in backends.BACKENDS else None
         if reason is None:
-            reason = (f"its kernels register when mmkernels is imported and it was not "
-                      f"usable then (e.g. TRITON_INTERPRET=1 set after the import)"
+            reason = ("its kernels register when mmkernels is imported and it was not "
+                      "usable then (e.g. TRITON_INTERPRET=1 set after the import)"
                       if name in backends.BACKENDS else "no such backend")
         raise RuntimeError(f"backend {name!r} has no {self.op} kernels in this process: {reason}")
 

@@ -33,6 +33,8 @@ import torch
 import triton
 from torch.library import wrap_triton
 
+from mmkernels.ops._common import inv_norms
+
 # Read once, like triton itself: the interpreter must be chosen before triton is imported.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRETING:
@@ -226,6 +228,36 @@ def _autotuner(kernel, kind, arch_name, dclass, key, restore, deterministic):
     return tuner
 
 
+# --- host-side pieces shared by the launchers of every op ------------------------------
+
+def inverse_norms(a: torch.Tensor, b: torch.Tensor, normalize: bool, dummy: torch.Tensor):
+    """(ra, rb) when normalizing, else ``dummy`` twice (a pointer the kernels never read)."""
+    if normalize:
+        return inv_norms(a), inv_norms(b)
+    return dummy, dummy
+
+
+def blocks(length: int, size: int, *tensors):
+    """[(start, stop, [views of each tensor's rows start:stop])] covering ``length`` rows
+    (0-dim tensors, the unused inverse norms, are passed through): the backward's
+    blocks of P, made once per call rather than once per block."""
+    return [(start, min(length, start + size), [t[start:start + size] if t.dim() else t for t in tensors])
+            for start in range(0, length, size)]
+
+
+def fp16_p_scale(a_dtype: torch.dtype, bound: torch.Tensor, ceiling: float) -> torch.Tensor:
+    """sigma: for fp16 P, the power of two that brings ``bound`` (a device scalar
+    bounding |P|) to at most ``ceiling``, so that sigma * P neither overflows nor
+    underflows fp16; 1 for other dtypes, or when ``bound`` is 0 or not finite. A power
+    of two keeps sigma * P and its undoing exact. Each op states its own bound."""
+    one = torch.ones((), device=bound.device, dtype=bound.dtype)
+    if a_dtype != torch.float16:
+        return one
+    usable = torch.isfinite(bound) & (bound > 0)
+    return torch.where(usable, ceiling * torch.exp2(-torch.ceil(torch.log2(torch.where(usable, bound, one)))),
+                       one)
+
+
 # --- grid shapes -------------------------------------------------------------------
 
 def forward_split(tiles_r: int, tiles_c: int, sms: int) -> tuple[int, int]:
@@ -243,6 +275,23 @@ def forward_split(tiles_r: int, tiles_c: int, sms: int) -> tuple[int, int]:
     splits = max(1, min(tiles_c, MAX_COL_SPLITS, target // groups))
     splits = triton.cdiv(tiles_c, triton.cdiv(tiles_c, splits))
     return groups, splits
+
+
+def forward_grid(n: int, m: int, device: torch.device):
+    """The grid function of a persistent forward over an n x m matrix (forward_split)."""
+    sms = num_sms(device)
+
+    def split(meta):
+        return forward_split(triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]), sms)
+
+    return split
+
+
+def tile_grid(rows: int, cols: int):
+    """The grid function of one program per (BLOCK_M, BLOCK_N) tile of a rows x cols block."""
+    def grid(meta):
+        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+    return grid
 
 
 def p_block(n: int, m: int, element_bytes: int, arch_name: str) -> tuple[int, int]:

@@ -98,9 +98,8 @@ import triton.language as tl
 from torch.library import triton_op
 
 from mmkernels._checks import compute_dtype
-from mmkernels.ops._common import inv_norms
 from mmkernels.triton import _launch
-from mmkernels.triton.matmul import products, row_offsets, tile_dot
+from mmkernels.triton.matmul import products, row_offsets, scaled_tile, tile_dot
 
 # Largest spread between a tile's top statistic and any of its columns' for
 # which the one-exp forms stay exact (module docstring). Tests set it to -1
@@ -115,12 +114,8 @@ def _scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, row_ok, cols, co
                  stride_ad, stride_bd, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
                  ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A tile of S (row factor scale * ra, column factor rb), -inf outside the matrix."""
-    if NORMALIZE:  # requested before the K-loop: its latency hides behind the product
-        col_fac = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
-    s = tile_dot(a_ptr, b_ptr, a_rows, b_rows, D, stride_ad, stride_bd,
-                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC) * row_fac[:, None]
-    if NORMALIZE:
-        s = s * col_fac[None, :]
+    s = scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, cols, col_ok, D,
+                    stride_ad, stride_bd, NORMALIZE, PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
     return tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
 
 
@@ -194,7 +189,9 @@ def _lse_fwd_kernel(
             # Merge into row g of the column partials, whose only writer this program
             # is. On its first row block there is nothing to merge with (so a rerun
             # of the kernel, as autotuning does, recomputes the same values).
-            seen = col_ok & (t != g)
+            # (where, not `col_ok & (t != g)`: triton 3.9's interpreter turns a
+            # tensor & scalar of booleans into int32, which it then refuses as a mask)
+            seen = tl.where(t != g, col_ok, False)
             old_max = tl.load(col_max_ptr + cols, mask=seen, other=float("-inf"))
             old_sum = tl.load(col_sum_ptr + cols, mask=seen, other=0.0)
             merged = tl.maximum(old_max, part_max)
@@ -281,27 +278,17 @@ def _tile_kernel(kernel, device, dtype, key, restore=()):
     return _launch.tuned(kernel, "tile", device, dtype, key, restore)
 
 
-def _norms(a, b, normalize, dummy):
-    if normalize:
-        return inv_norms(a), inv_norms(b)
-    return dummy, dummy
-
-
 def _forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, normalize: bool):
     n, d = a.shape
     m = b.shape[0]
     dtype = compute_dtype(a.dtype)
-    ra, rb = _norms(a, b, normalize, scale)
+    ra, rb = _launch.inverse_norms(a, b, normalize, scale)
     # Autotuning runs every candidate: one with more row groups or column splits
     # than the winner would leave its extra rows of partials behind, so they
     # are restored to their neutral start after each trial.
     kernel = _tile_kernel(_lse_fwd_kernel, a.device, a.dtype, ("N_KEY", "M_KEY", "D_KEY"),
                           ("row_part_ptr", "col_part_ptr"))
-    sms = _launch.num_sms(a.device)
-
-    def split(meta):
-        return _launch.forward_split(triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]), sms)
-
+    split = _launch.forward_grid(n, m, a.device)
     # Partials for the largest split any candidate config may pick; rows a
     # config leaves unused keep the neutral (max -inf, sum 0).
     splits = [split(c.kwargs) for c in kernel.configs]
@@ -338,31 +325,10 @@ def _merge(part: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def p_scale(a_dtype: torch.dtype, g_row: torch.Tensor, g_col: torch.Tensor) -> torch.Tensor:
-    """sigma: a power of two with |sigma * P| <= 1 for fp16 P (else 1), as a device scalar.
-
-    |P[i, j]| <= |g_row[i]| + |g_col[j]| since both exponentials are <= 1. A
-    power of two keeps sigma * P and its undoing exact.
-    """
-    one = torch.ones((), device=g_row.device, dtype=g_row.dtype)
-    if a_dtype != torch.float16:
-        return one
-    bound = g_row.abs().amax() + g_col.abs().amax()
-    usable = torch.isfinite(bound) & (bound > 0)
-    return torch.where(usable, torch.exp2(-torch.ceil(torch.log2(torch.where(usable, bound, one)))), one)
-
-
-def _blocks(length: int, size: int, *tensors):
-    """[(start, stop, [views of each tensor's rows start:stop])] covering ``length`` rows
-    (0-dim tensors, the unused inverse norms, are passed through)."""
-    return [(start, min(length, start + size), [t[start:start + size] if t.dim() else t for t in tensors])
-            for start in range(0, length, size)]
-
-
-def _tile_grid(rows: int, cols: int):
-    def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
-    return grid
+def lse_p_scale(a_dtype: torch.dtype, g_row: torch.Tensor, g_col: torch.Tensor) -> torch.Tensor:
+    """sigma with |sigma * P| <= 1 for fp16 P (else 1), as a device scalar:
+    |P[i, j]| <= |g_row[i]| + |g_col[j]| since both exponentials are <= 1."""
+    return _launch.fp16_p_scale(a_dtype, g_row.abs().amax() + g_col.abs().amax(), 1.0)
 
 
 def _backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col):
@@ -372,8 +338,8 @@ def _backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col):
     m = b.shape[0]
     dtype = compute_dtype(a.dtype)
     p_dtype = a.dtype if a.dtype in (torch.float16, torch.bfloat16) else dtype
-    ra, rb = _norms(a, b, normalize, scale)
-    sigma = p_scale(a.dtype, g_row, g_col)
+    ra, rb = _launch.inverse_norms(a, b, normalize, scale)
+    sigma = lse_p_scale(a.dtype, g_row, g_col)
     alpha = sigma.reciprocal()
     pb = torch.empty((n, d), device=a.device, dtype=dtype)
     pa = torch.empty((m, d), device=a.device, dtype=dtype)
@@ -386,8 +352,8 @@ def _backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col):
     # Views of each block row and block column made once, not once per block:
     # the loop runs N*M / (rows*cols) times, and its host time per block must
     # stay well under the GPU's (~0.1 ms per 4096 x 4096 x 768 block on an H100).
-    row_parts = _blocks(n, rows, a, ra, row_lse, g_row, pb)
-    col_parts = _blocks(m, cols, b, rb, col_lse, g_col, pa)
+    row_parts = _launch.blocks(n, rows, a, ra, row_lse, g_row, pb)
+    col_parts = _launch.blocks(m, cols, b, rb, col_lse, g_col, pa)
     p_views = {}
 
     for i0, i1, (a_blk, ra_blk, row_lse_blk, g_row_blk, pb_blk) in row_parts:
@@ -398,7 +364,7 @@ def _backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col):
                 p_views[shape] = (view, view.T)
             p_blk, p_blk_t = p_views[shape]
             _launch.launch(
-                kernel, _tile_grid(*shape),
+                kernel, _launch.tile_grid(*shape),
                 a_blk, b_blk, ra_blk, rb_blk, scale, row_lse_blk, col_lse_blk,
                 g_row_blk, g_col_blk, sigma, p,
                 shape[0], shape[1], d,

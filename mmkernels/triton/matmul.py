@@ -86,6 +86,22 @@ def tile_dot(a_ptr, b_ptr, a_rows, b_rows, D, stride_ad, stride_bd,
 
 
 @triton.jit
+def scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, cols, col_ok, D,
+                stride_ad, stride_bd, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+                ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile of S: ``A[a_rows] @ B[b_rows].T`` times the row factors ``row_fac``
+    (scale, times ra when normalizing) and, when normalizing, the column factors
+    rb[cols]. The primitive and SigLIP both start every tile here."""
+    if NORMALIZE:  # requested before the K-loop: its latency hides behind the product
+        col_fac = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
+    s = tile_dot(a_ptr, b_ptr, a_rows, b_rows, D, stride_ad, stride_bd,
+                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC) * row_fac[:, None]
+    if NORMALIZE:
+        s = s * col_fac[None, :]
+    return s
+
+
+@triton.jit
 def _products_tile(pid, x_ptr, y_ptr, s_ptr, out_ptr, alpha, rows, K, D, accumulate,
                    stride_xr, stride_xk, stride_yk, stride_yd, stride_or, stride_od,
                    KSCALE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,

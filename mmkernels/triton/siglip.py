@@ -51,7 +51,7 @@ recomputes each tile once, writes P (input dtype for fp16/bf16, as the
 logsumexp backward does; fp32/fp64 otherwise) and its tile's row sums of P,
 in fp32 before any rounding; then ``matmul.products`` runs
 ``pb[I] (+)= P @ Bh[J]`` and ``pa[J] (+)= P.T @ Ah[I]`` in one launch.
-fp16 P is stored times a power of two ``sigma`` (:func:`p_scale`) that puts
+fp16 P is stored times a power of two ``sigma`` (:func:`siglip_p_scale`) that puts
 its bound, ``max |g_row|`` (a sigmoid is at most 1), at 2^15: no overflow
 (fp16's largest is 65504; the products multiply in fp32), and 15 binades more
 for the many small entries than the logsumexp backward's ``|sigma * P| <= 1``
@@ -82,8 +82,7 @@ from torch.library import triton_op
 
 from mmkernels._checks import compute_dtype
 from mmkernels.triton import _launch
-from mmkernels.triton.logsumexp import _blocks, _norms, _tile_grid
-from mmkernels.triton.matmul import products, row_offsets, tile_dot
+from mmkernels.triton.matmul import products, row_offsets, scaled_tile
 
 
 # --- kernels ---------------------------------------------------------------------
@@ -94,13 +93,9 @@ def _logits(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, cols, col_ok, bias, D
             ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A tile of x = S + bias. Outside the matrix the values are finite (rows are
     wrapped, not masked: matmul.row_offsets); callers mask what they keep."""
-    if NORMALIZE:  # requested before the K-loop: its latency hides behind the product
-        col_fac = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
-    s = tile_dot(a_ptr, b_ptr, a_rows, b_rows, D, stride_ad, stride_bd,
-                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC) * row_fac[:, None]
-    if NORMALIZE:
-        s = s * col_fac[None, :]
-    return s + bias
+    return scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, cols, col_ok, D,
+                       stride_ad, stride_bd, NORMALIZE, PRECISION, ACC,
+                       BLOCK_M, BLOCK_N, BLOCK_K) + bias
 
 
 @triton.jit
@@ -211,36 +206,23 @@ def _siglip_bwd_p_kernel(
 P_BOUND = 2.0 ** 15
 
 
-def p_scale(a_dtype: torch.dtype, g_row: torch.Tensor) -> torch.Tensor:
-    """sigma: a power of two with |sigma * P| <= P_BOUND for fp16 P (else 1), as a device scalar.
-
-    |P[i, j]| <= |g_row[i]|, a sigmoid being at most 1. A power of two keeps
-    sigma * P and its undoing exact.
-    """
-    one = torch.ones((), device=g_row.device, dtype=g_row.dtype)
-    if a_dtype != torch.float16:
-        return one
-    bound = g_row.abs().amax()
-    usable = torch.isfinite(bound) & (bound > 0)
-    return torch.where(usable, P_BOUND * torch.exp2(-torch.ceil(torch.log2(torch.where(usable, bound, one)))),
-                       one)
+def siglip_p_scale(a_dtype: torch.dtype, g_row: torch.Tensor) -> torch.Tensor:
+    """sigma with |sigma * P| <= P_BOUND for fp16 P (else 1), as a device scalar:
+    |P[i, j]| <= |g_row[i]|, a sigmoid being at most 1."""
+    return _launch.fp16_p_scale(a_dtype, g_row.abs().amax(), P_BOUND)
 
 
 def _forward(a, b, scale, bias, normalize: bool, diagonal: bool) -> torch.Tensor:
     n, d = a.shape
     m = b.shape[0]
     dtype = compute_dtype(a.dtype)
-    ra, rb = _norms(a, b, normalize, scale)
+    ra, rb = _launch.inverse_norms(a, b, normalize, scale)
     # Autotuning runs every candidate: one with more column splits than the
     # winner would leave its extra rows of partials behind, so the partials are
     # restored to zero after each trial.
     kernel = _launch.tuned(_siglip_fwd_kernel, "tile", a.device, a.dtype, ("N_KEY", "M_KEY", "D_KEY"),
                            ("part_ptr",))
-    sms = _launch.num_sms(a.device)
-
-    def split(meta):
-        return _launch.forward_split(triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]), sms)
-
+    split = _launch.forward_grid(n, m, a.device)
     # Rows of partials for the most column splits any candidate may pick; rows
     # the winner leaves unused stay 0.
     part = torch.zeros((max(split(c.kwargs)[1] for c in kernel.configs), n), device=a.device, dtype=dtype)
@@ -260,8 +242,8 @@ def _backward(a, b, scale, bias, normalize: bool, diagonal: bool, g_row):
     m = b.shape[0]
     dtype = compute_dtype(a.dtype)
     p_dtype = a.dtype if a.dtype in (torch.float16, torch.bfloat16) else dtype
-    ra, rb = _norms(a, b, normalize, scale)
-    sigma = p_scale(a.dtype, g_row)
+    ra, rb = _launch.inverse_norms(a, b, normalize, scale)
+    sigma = siglip_p_scale(a.dtype, g_row)
     alpha = sigma.reciprocal()
     pb = torch.empty((n, d), device=a.device, dtype=dtype)
     pa = torch.empty((m, d), device=a.device, dtype=dtype)
@@ -279,8 +261,8 @@ def _backward(a, b, scale, bias, normalize: bool, diagonal: bool, g_row):
                        device=a.device, dtype=dtype)
     keys = (_launch.bucket(rows), _launch.bucket(cols), _launch.bucket(d))
     precision = _launch.input_precision(a.dtype)
-    row_parts = _blocks(n, rows, a, ra, g_row, pb)
-    col_parts = _blocks(m, cols, b, rb, pa)
+    row_parts = _launch.blocks(n, rows, a, ra, g_row, pb)
+    col_parts = _launch.blocks(m, cols, b, rb, pa)
     p_views = {}
     row_sums = []
 
@@ -292,7 +274,7 @@ def _backward(a, b, scale, bias, normalize: bool, diagonal: bool, g_row):
                 p_views[shape] = (view, view.T)
             p_blk, p_blk_t = p_views[shape]
             _launch.launch(
-                kernel, _tile_grid(*shape),
+                kernel, _launch.tile_grid(*shape),
                 a_blk, b_blk, ra_blk, rb_blk, scale, bias, g_row_blk, sigma, p, part,
                 shape[0], shape[1], d, i0 - j0, int(j0 > 0),
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0), part.stride(0),
