@@ -3,15 +3,18 @@
 # range (mmkernels/backends.py TRITON_SUPPORTED), each in its own venv:
 #   1. every kernel and every autotune candidate compiled for sm_80 and sm_90
 #      (tests/triton_aot.py --all-configs; no GPU needed), 0 failures, spills listed;
-#   2. the interpreter lane (tests/test_triton_lane.py, TRITON_INTERPRET=1).
+#   2. the interpreter lane (tests/test_triton_lane.py, TRITON_INTERPRET=1), unless
+#      MMKERNELS_CI_LANE_DONE names this version: .ci/run sets it to the Triton of the
+#      main venv, whose `make test` has just run the same lane.
 # The venvs are kept under $MMKERNELS_CI_CACHE (default ~/.cache/mmkernels-ci), one per
-# Triton version, reused from one run to the next.
+# Triton version, reused from one run to the next; the compile logs land there too.
 #   .ci/triton_versions.sh [3.6.0 3.9.0]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSIONS=("${@:-3.6.0 3.9.0}")
 read -r -a VERSIONS <<< "${VERSIONS[*]}"
 CACHE="${MMKERNELS_CI_CACHE:-$HOME/.cache/mmkernels-ci}"
+JOBS="${MAX_JOBS:-2}"
 # torch 2.13.0: a small CPU wheel; which torch sits beside Triton does not change
 # the kernels (torch only launches them), see README "Supported versions".
 TORCH="${MMKERNELS_CI_TORCH:-torch==2.13.0}"
@@ -23,19 +26,23 @@ for v in "${VERSIONS[@]}"; do
     if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$v')"; then
         rm -rf "$venv"
         python3 -m venv "$venv"
-        "$venv/bin/pip" install -q "$TORCH" "triton==$v" numpy pytest
+        "$venv/bin/pip" install -q "$TORCH" "triton==$v" numpy pytest pytest-timeout
     fi
     t1=$(date +%s)
     echo "== triton $v: venv ready in $((t1 - t0)) s"
     # The extension is optional here (built for another torch): pure-Python + Triton.
-    if ! env -u TRITON_INTERPRET MMKERNELS_REQUIRE_EXT=0 PYTHONPATH="$PWD" \
-            "$venv/bin/python" tests/triton_aot.py --all-configs > "$CACHE/aot-$v.txt" 2>&1; then
+    if ! env -u TRITON_INTERPRET MMKERNELS_REQUIRE_EXT=0 MMKERNELS_NO_EXT=1 PYTHONPATH="$PWD" \
+            "$venv/bin/python" tests/triton_aot.py --all-configs --jobs "$JOBS" > "$CACHE/aot-$v.txt" 2>&1; then
         status=1
     fi
     t2=$(date +%s)
-    grep -E "^triton |^  spill|error" "$CACHE/aot-$v.txt" | head -40
+    grep -E "^triton |^  spill|rror" "$CACHE/aot-$v.txt" | head -40
     echo "== triton $v: AOT compile in $((t2 - t1)) s (full log: $CACHE/aot-$v.txt)"
-    if ! MMKERNELS_REQUIRE_EXT=0 PYTHONPATH="$PWD" "$venv/bin/python" -m pytest -x -q \
+    if [ "${MMKERNELS_CI_LANE_DONE:-}" = "$v" ]; then
+        echo "== triton $v: interpreter lane already run by make test (the main venv's Triton)"
+        continue
+    fi
+    if ! MMKERNELS_REQUIRE_EXT=0 MMKERNELS_NO_EXT=1 PYTHONPATH="$PWD" "$venv/bin/python" -m pytest -x -q \
             -p no:cacheprovider tests/test_triton_lane.py; then
         status=1
     fi

@@ -2,7 +2,7 @@
 TRITON_SUPPORTED), in one place. Everything else in mmkernels/triton/ uses only
 language and runtime API common to all of them.
 
-Differences found by .ci/triton_versions.sh (3.6.0 against 3.8.0):
+Differences found by .ci/triton_versions.sh (3.6.0, 3.8.0 and 3.9.0):
 
 - ``tl.dot`` on 3.6 rejects K < 16 for every dtype, fp32 and fp64 included
   (3.8 accepts K = 8 for exact fp32): the tile tables of _launch.py keep
@@ -13,6 +13,12 @@ Differences found by .ci/triton_versions.sh (3.6.0 against 3.8.0):
   ``int(ndarray)``, which NumPy 2.4 rejects for a 1-d array; 3.8 squeezes
   first. Loops ``range(program_id, n, num_programs)`` hit it.
   :func:`patch_interpreter` gives 3.6 the later behaviour.
+- The interpreter of 3.9 gives ``bool tensor & bool scalar`` the dtype int32 and
+  then refuses it as a load mask ("mask has unsupported dtype"); compiled code
+  is fine. Kernels write such masks as ``tl.where(scalar, tensor, False)``
+  (logsumexp.py), valid everywhere, no code here.
+- 3.9 warns once that TRITON_DEFAULT_FP_FUSION is unset (its default, fusion
+  on, is what the kernels were tuned and tested with; 3.10 will turn it off).
 """
 
 from __future__ import annotations
