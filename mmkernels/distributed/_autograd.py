@@ -10,6 +10,13 @@ from torch import Tensor
 from mmkernels.distributed._ring import Ring
 
 
+def _summed(x: Tensor, ring: Ring) -> Tensor:
+    """A copy of ``x`` summed over the ranks (an all_reduce), outside autograd."""
+    total = x.detach().clone()
+    dist.all_reduce(total, group=ring.group)
+    return total
+
+
 class LossOverRanks(torch.autograd.Function):
     """Sum of the ranks' shares of the loss (an all_reduce). Backward: this rank's
     share receives the upstream gradient times ``multiplier`` (W for open_clip's
@@ -18,9 +25,7 @@ class LossOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, share: Tensor, ring: Ring, multiplier: float):
         ctx.multiplier = multiplier
-        total = share.detach().clone()
-        dist.all_reduce(total, group=ring.group)
-        return total
+        return _summed(share, ring)
 
     @staticmethod
     def backward(ctx, grad):
@@ -39,9 +44,7 @@ class SharedScalar(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        total = grad.detach().clone()
-        dist.all_reduce(total, group=ctx.ring.group)
-        return total / ctx.divisor, None, None
+        return _summed(grad, ctx.ring) / ctx.divisor, None, None
 
 
 class SumOverRanks(torch.autograd.Function):
@@ -51,15 +54,11 @@ class SumOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, part: Tensor, ring: Ring):
         ctx.ring = ring
-        total = part.detach().clone()
-        dist.all_reduce(total, group=ring.group)
-        return total
+        return _summed(part, ring)
 
     @staticmethod
     def backward(ctx, grad):
-        total = grad.detach().clone()
-        dist.all_reduce(total, group=ctx.ring.group)
-        return total, None
+        return _summed(grad, ctx.ring), None
 
 
 def gather_rows(x: Tensor, ring: Ring) -> Tensor:
