@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from mmkernels.ops.contrastive import contrastive_loss
 from mmkernels.ops.siglip import siglip_loss
-from mmkernels.ops.siglip_distributed import siglip_loss_distributed
+from mmkernels.distributed import siglip_loss_distributed
 
 
 class ClipLoss(nn.Module):
@@ -83,7 +83,7 @@ class SigLipLoss(nn.Module):
     With ``world_size > 1`` (torch.distributed initialized, ``rank`` and
     ``world_size`` those of the default group) each rank passes its own
     shard and gets open_clip's value and gradients for that rank: its images
-    against the texts of every rank (mmkernels/ops/siglip_distributed.py).
+    against the texts of every rank (mmkernels/distributed/siglip.py).
     The texts travel round a ring and only this rank's inputs are kept for
     the backward, so memory per rank stays O(local_N * D) whatever the world
     size (open_clip's keeps every received block and its graph).

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import mmkernels
 import siglip_reference as reference
 from mmkernels.ops import _common
-from mmkernels.ops.siglip_distributed import siglip_loss_distributed
+from mmkernels.distributed import siglip_loss_distributed
 from tolerances import assert_matches, fp32_logit_rtol
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import mmkernels
 import mmkernels.distributed
-from mmkernels._train_step import contrastive_step, encode_pair
+from mmkernels.train.step import contrastive_step, encode_pair
 from mmkernels.models import create_clip
 from reference import contrastive, info_nce, logsumexp
 from siglip_reference import siglip

@@ -20,8 +20,8 @@ import torch
 
 import mmkernels
 from mmkernels import train
-from mmkernels._train_eval import retrieval_metrics
-from mmkernels._train_step import contrastive_step
+from mmkernels.train.evaluation import retrieval_metrics
+from mmkernels.train.step import contrastive_step
 from mmkernels.data import SampleError, SyntheticShapes
 from mmkernels.models import create_clip, get_tokenizer
 

@@ -114,19 +114,28 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale=
                                   label_smoothing, reduction)
 
     row_lse, col_lse = lse(image_features, text_features, scale, normalize, name)
+    return _reduce(pair_losses(image_features, text_features, row_lse, col_lse, scale, normalize,
+                               label_smoothing, n=row_lse.shape[0]), reduction)
+
+
+def pair_losses(image_features, text_features, row_lse, col_lse, scale, normalize,
+                label_smoothing, *, n: int, batch_sum=lambda v: v) -> Tensor:
+    """The (N,) per-pair losses ``(l_i2t[i] + l_t2i[i]) / 2`` from the pairs' row and
+    column logsumexps and the O(N*D) terms. ``n``: the rows of the whole batch;
+    ``batch_sum``: a (D,) sum over these rows -> the sum over the whole batch (the
+    identity on one process, a sum over ranks in mmkernels.distributed)."""
     img, txt = _Side(image_features, normalize), _Side(text_features, normalize)
     positive = scale * img.dot(txt)  # S[i, i]
     if label_smoothing:
-        n = row_lse.shape[0]
-        row_mean = scale * img.dot_vector(txt.total()) / n  # mean_j S[i, j]
-        col_mean = scale * txt.dot_vector(img.total()) / n  # mean_i S[i, j]
+        row_mean = scale * img.dot_vector(batch_sum(txt.total())) / n  # mean_j S[i, j]
+        col_mean = scale * txt.dot_vector(batch_sum(img.total())) / n  # mean_i S[i, j]
         kept = 1.0 - label_smoothing
         image_to_text = row_lse - kept * positive - label_smoothing * row_mean
         text_to_image = col_lse - kept * positive - label_smoothing * col_mean
     else:
         image_to_text = row_lse - positive
         text_to_image = col_lse - positive
-    return _reduce((image_to_text + text_to_image) / 2, reduction)
+    return (image_to_text + text_to_image) / 2
 
 
 def _naive_contrastive(a, b, scale, normalize, label_smoothing, reduction):

@@ -13,7 +13,7 @@ For features ``a`` (N, D), ``b`` (M, D), a scale and a bias::
 In SigLIP (Zhai et al., 2023; open_clip's ``SigLipLoss``) the pairs are the
 diagonal, ``z = 2 * eye(N) - 1``, and the loss is ``sum_i row[i] / N``. A
 block of the matrix that holds no positives (another rank's texts in the
-distributed loss, mmkernels/ops/siglip_distributed.py) has ``z = -1``
+distributed loss, mmkernels/distributed/siglip.py) has ``z = -1``
 everywhere: the kernels take a flag for that. Unlike the softmax losses
 there is no normalizer across a row or a column, so each tile's loss and
 gradient are elementwise: no running statistics, nothing saved between the

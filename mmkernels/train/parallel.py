@@ -1,15 +1,9 @@
 """Data-parallel training over torch.distributed (launched by torchrun).
 
 Each of the W processes encodes its own slice of the global batch. The loss
-is that of the whole global batch:
-
-- ``mmkernels.distributed.contrastive_loss`` when that module is importable
-  (ring strategy: per-rank memory O(local_N * D));
-- otherwise :func:`gathered_contrastive_loss`: the embeddings are
-  all-gathered and every rank computes the global loss locally (memory
-  O(global_N * D) for the embeddings, the loss tiled as usual).
-
-Either way a rank's embedding gradients are those of open_clip's
+is that of the whole global batch, ``mmkernels.distributed.contrastive_loss``
+(ring strategy: per-rank memory O(local_N * D); the gather strategy for the
+naive backend). A rank's embedding gradients are those of open_clip's
 ``ClipLoss(gather_with_grad=True)`` (W times the gradient of the global loss
 with respect to its own embeddings), so :func:`average_gradients` (an
 all-reduce mean, done once per step after gradient caching has accumulated
@@ -27,7 +21,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-import mmkernels
+from mmkernels.distributed import contrastive_loss
 
 
 def world() -> tuple[int, int, int]:
@@ -41,37 +35,8 @@ def init(device: torch.device) -> None:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0; backward returns this rank's slice of the gradient
-    times W (every rank computes the same global loss, so summing the ranks'
-    identical gradients is multiplying by W: open_clip's gather_with_grad)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.rank, ctx.world, ctx.rows = dist.get_rank(), dist.get_world_size(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(ctx.world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        start = ctx.rank * ctx.rows
-        return grad[start:start + ctx.rows] * ctx.world
-
-
-def gathered_contrastive_loss(image_features, text_features, logit_scale, *, backend="auto"):
-    """The global-batch CLIP loss from per-rank shards, by all-gathering the embeddings."""
-    return mmkernels.contrastive_loss(_GatherWithGrad.apply(image_features),
-                                      _GatherWithGrad.apply(text_features), logit_scale,
-                                      backend=backend)
-
-
 def loss_function(backend: str):
     """The distributed loss to train with, and a name for it."""
-    try:
-        from mmkernels.distributed import contrastive_loss
-    except ImportError:
-        return partial(gathered_contrastive_loss, backend=backend), "gather (fallback)"
     # The ring passes tiles between ranks; the naive backend materializes the
     # whole matrix, which only the gather strategy has.
     strategy = "gather" if backend == "naive" else "ring"

@@ -1,45 +1,8 @@
-"""Train a CLIP with the fused contrastive loss: ``python -m mmkernels.train``.
-
-The recipe: image-caption pairs, a ViT image tower and a causal text
-Transformer (mmkernels/models/clip.py), the symmetric contrastive loss of an
-mmkernels backend (``--loss``), AdamW with linear warmup and cosine decay,
-bf16 autocast on GPU, then retrieval (recall@1/5/10 both ways) and zero-shot
-evaluation. Default: the ``tiny`` model on the built-in synthetic data,
-which needs no download::
-
-    python -m mmkernels.train --output runs/tiny
-
-Batches bigger than memory: ``--batch-size`` is the contrastive batch (the
-negatives each pair is scored against) and ``--micro-batch`` the chunk the
-encoders run on. With a smaller micro-batch, gradient caching
-(mmkernels/_train_step.py) computes the same gradients as the whole batch at
-once while holding one chunk of activations; the tiled loss itself holds
-O(N*D), never the N x N logits. Same seed and data with any micro-batch give
-the same parameters, to fp32 round-off.
-
-Outputs in ``--output DIR``: ``metrics.jsonl`` (one JSON object per logged
-step, ``"kind": "train"``, and per evaluation, ``"kind": "eval"``),
-``last.pt`` (model, optimizer, scheduler, step, random state, data
-position) and ``curves.png`` (loss and recall curves). The last line on
-stdout is a JSON summary.
-
-Preemption: on SIGTERM or SIGINT the step in flight finishes, ``last.pt`` is
-written and the process exits with 128 + the signal number; run the same
-command with ``--resume`` and it continues from there and ends with the same
-parameters as a run that was never interrupted (the data stream, the
-augmentations and the random state are functions of the step). An error
-mid-run (unreadable data, a non-finite loss) also saves the last completed
-step before it is raised.
-
-Data-parallel: ``torchrun --nproc-per-node W -m mmkernels.train ...``
-(mmkernels/_train_dist.py): every rank encodes 1/W of the batch and the
-loss is the global one.
-"""
+"""The training run: model, data, optimizer, the loop with its checkpoints,
+evaluations and stop signals, and the console entry point :func:`main`."""
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 import dataclasses
 import json
@@ -52,112 +15,20 @@ from pathlib import Path
 import torch
 
 import mmkernels
-from mmkernels import _train_dist as distributed
 from mmkernels import backends
-from mmkernels._train_eval import evaluate
-from mmkernels._train_io import (CHECKPOINT, CURVES, METRICS, MetricsLog, StopSignal,
-                                 ignore_stop_signals, load_checkpoint, plot_curves,
-                                 save_checkpoint)
-from mmkernels._train_step import contrastive_step
 from mmkernels.data import BatchFetcher, batches, load_items, open_dataset
-from mmkernels.models import create_clip, get_tokenizer, list_clip_configs
-
-# Arguments that change the result: a resumed run must repeat them.
-RESULT_ARGS = ("model", "model_arg", "data", "batch_size", "steps", "lr", "wd", "warmup", "beta1",
-               "beta2", "eps", "grad_clip", "seed", "tokenizer", "image_key", "caption_key",
-               "separator", "synthetic_size", "data_seed")
+from mmkernels.models import create_clip, get_tokenizer
+from mmkernels.train import parallel
+from mmkernels.train.evaluation import evaluate
+from mmkernels.train.files import (CHECKPOINT, CURVES, METRICS, MetricsLog, StopSignal,
+                                   ignore_stop_signals, load_checkpoint, plot_curves,
+                                   save_checkpoint)
+from mmkernels.train.options import RESULT_ARGS, build_parser, check_args, parse_model_args
+from mmkernels.train.step import contrastive_step, rng_state, set_rng_state
 
 
 class DataError(RuntimeError):
     """A batch could not be formed from the data."""
-
-
-# --- command line ---------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m mmkernels.train",
-        description="Train a CLIP with the mmkernels contrastive loss (gradient caching, "
-                    "exact resume). Default: the tiny model on the built-in synthetic data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", choices=list_clip_configs(), help="CLIP config")
-    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (repeatable), e.g. vision_layers=2, dropout=0.1")
-    g.add_argument("--tokenizer", default="hash",
-                   help="'hash' (self-contained), 'clip-bpe', 'hf:NAME_OR_PATH' or 'module:attr'")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="synthetic",
-                   help="'synthetic' (built in) or a CSV/TSV/JSONL file of image paths and captions")
-    g.add_argument("--val-data", default="auto",
-                   help="evaluation data: 'auto' (the synthetic val split when --data is synthetic, "
-                        "else none), 'none', 'synthetic' or a file")
-    g.add_argument("--val-size", type=int, default=1000, help="evaluation pairs (at most)")
-    g.add_argument("--image-key", default=None, help="image path column / key (CSV: filepath, JSONL: image)")
-    g.add_argument("--caption-key", default=None, help="caption column / key (CSV: title, JSONL: caption)")
-    g.add_argument("--separator", default=None, help="CSV separator (default from the extension)")
-    g.add_argument("--synthetic-size", type=int, default=None, help="items of the synthetic train split")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
-    g.add_argument("--workers", type=int, default=0, help="data loader processes (0: load in the main process)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=256, help="contrastive batch (global, all ranks)")
-    g.add_argument("--micro-batch", type=int, default=None,
-                   help="encoder chunk for gradient caching (default: the batch size, no caching)")
-    g.add_argument("--loss", default="auto", choices=("auto",) + backends.BACKENDS,
-                   help="mmkernels backend of the contrastive loss ('naive' materializes N x N)")
-    g.add_argument("--steps", type=int, default=500, help="optimizer steps")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    g.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.98)
-    g.add_argument("--eps", type=float, default=1e-6)
-    g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (none by default)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initialization and the data order")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="encoder precision: auto is bf16 autocast on GPU, fp32 on CPU")
-    g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of torch (default: torch's choice, one per core)")
-    g = p.add_argument_group("outputs")
-    g.add_argument("--output", default=None, help="run folder (default: runs/<model>)")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from OUTPUT/last.pt (or the given checkpoint); starts afresh "
-                        "when there is none yet")
-    g.add_argument("--log-every", type=int, default=10, help="steps between metrics records")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="steps between evaluations (default: --steps / 10; 0: at the end only)")
-    g.add_argument("--save-every", type=int, default=None,
-                   help="steps between checkpoints (default: as --eval-every; 0: at the end only)")
-    g.add_argument("--no-plot", action="store_true", help="do not draw curves.png")
-    return p
-
-
-def _parse_model_args(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--model-arg: expected KEY=VALUE, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
-def _check_args(args) -> None:
-    for name in ("batch_size", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
-    if args.batch_size < 2:
-        raise ValueError(f"--batch-size: a contrastive batch needs at least 2 pairs, got {args.batch_size}")
-    if args.micro_batch is not None and args.micro_batch < 1:
-        raise ValueError(f"--micro-batch: expected a positive number, got {args.micro_batch}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr: expected a positive learning rate, got {args.lr}")
-    if args.warmup is not None and not 0 <= args.warmup <= args.steps:
-        raise ValueError(f"--warmup: expected 0 .. --steps ({args.steps}), got {args.warmup}")
 
 
 # --- pieces -----------------------------------------------------------------------
@@ -177,17 +48,6 @@ def make_optimizer(model, args):
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
                               {"params": no_decay, "weight_decay": 0.0}],
                              lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
-
-
-def _rng_state(device) -> dict:
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _log(*parts) -> None:
@@ -235,11 +95,11 @@ class Trainer:
     resume), then ``run()`` (returns the exit code)."""
 
     def __init__(self, args):
-        _check_args(args)
+        check_args(args)
         self.args = args
         if args.threads:
             torch.set_num_threads(args.threads)
-        self.rank, self.world_size, local_rank = distributed.world()
+        self.rank, self.world_size, local_rank = parallel.world()
         if args.device:
             self.device = torch.device(args.device)
         elif torch.cuda.is_available():
@@ -249,7 +109,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1:
-            distributed.init(self.device)
+            parallel.init(self.device)
         bf16 = args.precision == "bf16" or (args.precision == "auto" and self.device.type == "cuda")
         self.precision = "bf16" if bf16 else "fp32"
         self.autocast = (partial(torch.autocast, self.device.type, dtype=torch.bfloat16) if bf16
@@ -263,7 +123,7 @@ class Trainer:
         self.micro_batch = args.micro_batch or args.batch_size
 
         torch.manual_seed(args.seed)
-        self.model = create_clip(args.model, **_parse_model_args(args.model_arg)).to(self.device)
+        self.model = create_clip(args.model, **parse_model_args(args.model_arg)).to(self.device)
         if self.world_size > 1:  # one initialization, but each rank its own dropout masks
             torch.manual_seed(args.seed + self.rank)
         self.tokenizer = get_tokenizer(args.tokenizer, vocab_size=self.model.config.text.vocab_size,
@@ -281,8 +141,8 @@ class Trainer:
 
         backend = backends.select_backend(args.loss, self.device)  # fails early, naming the backend
         if self.world_size > 1:
-            distributed.broadcast_parameters(self.model)
-            self.loss_fn, self.loss_name = distributed.loss_function(args.loss)
+            parallel.broadcast_parameters(self.model)
+            self.loss_fn, self.loss_name = parallel.loss_function(args.loss)
         else:
             self.loss_fn = partial(mmkernels.contrastive_loss, backend=args.loss)
             self.loss_name = backend
@@ -344,7 +204,7 @@ class Trainer:
         if len(rngs) != self.world_size:
             raise ValueError(f"--resume: the checkpoint has the random state of {len(rngs)} processes, "
                              f"this run has {self.world_size}")
-        _set_rng_state(rngs[self.rank], self.device)
+        set_rng_state(rngs[self.rank], self.device)
         self.metrics.truncate_after(self.step)
         _log(f"resumed from {path} at step {self.step}")
 
@@ -363,7 +223,7 @@ class Trainer:
     def train_step(self, batch) -> torch.Tensor:
         n = batch.images.shape[0]
         if self.world_size > 1:  # equal shards: the ranks agree on the smallest
-            n = distributed.all_min(n, self.device)
+            n = parallel.all_min(n, self.device)
         if batch.skipped:
             self.skipped += len(batch.skipped)
             if self.skipped - len(batch.skipped) < 10:
@@ -378,7 +238,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = contrastive_step(self.model, images, tokens, self.loss_fn, self.micro_batch, self.autocast)
         if self.world_size > 1:
-            distributed.average_gradients(self.model)
+            parallel.average_gradients(self.model)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss is {float(loss)} at step {batch.step}")
         if self.args.grad_clip:
@@ -413,7 +273,7 @@ class Trainer:
         stream = batches(self.fetcher, self.step, args.steps, args.workers, ignore_stop_signals)
         with StopSignal() as stop:
             for batch in stream:
-                rng_before = _rng_state(self.device)
+                rng_before = rng_state(self.device)
                 try:
                     loss = self.train_step(batch)
                 except Exception as exc:
@@ -444,12 +304,12 @@ class Trainer:
                 if self.eval_every and self.step % self.eval_every == 0 and self.step < args.steps:
                     self.run_eval(self.step)
                 if self.save_every and self.step % self.save_every == 0 and self.step < args.steps:
-                    self.save(self.step, _rng_state(self.device), elapsed())
+                    self.save(self.step, rng_state(self.device), elapsed())
                 stopping = stop.signum is not None
                 if self.world_size > 1:
-                    stopping = distributed.any_true(stopping, self.device)
+                    stopping = parallel.any_true(stopping, self.device)
                 if stopping and self.step < args.steps:
-                    self.save(self.step, _rng_state(self.device), elapsed())
+                    self.save(self.step, rng_state(self.device), elapsed())
                     progress.close()
                     _log(f"stopped after step {self.step} of {args.steps}; saved "
                          f"{self.out / CHECKPOINT}; rerun with --resume to continue")
@@ -457,7 +317,7 @@ class Trainer:
         progress.close()
         if self.last_eval.get("step") != self.step:
             self.run_eval(self.step)
-        self.save(self.step, _rng_state(self.device), elapsed())
+        self.save(self.step, rng_state(self.device), elapsed())
         if self.is_main:
             if not args.no_plot and not plot_curves(self.metrics.read(), self.out / CURVES,
                                                     f"{args.model} on {args.data}, batch {args.batch_size}"):
@@ -515,6 +375,3 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

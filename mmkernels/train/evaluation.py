@@ -26,21 +26,21 @@ RECALL_AT = (1, 5, 10)
 
 
 @torch.no_grad()
+def _encode(encode, inputs: Tensor, chunk: int, device, autocast) -> Tensor:
+    """Normalized fp32 embeddings of ``inputs`` by ``encode``, ``chunk`` rows at a time."""
+    parts = []
+    for i in range(0, inputs.shape[0], chunk):
+        with autocast():
+            parts.append(encode(inputs[i:i + chunk].to(device), normalize=True).float())
+    return torch.cat(parts)
+
+
 def encode_images(model, images: Tensor, chunk: int, device, autocast=contextlib.nullcontext) -> Tensor:
-    parts = []
-    for i in range(0, images.shape[0], chunk):
-        with autocast():
-            parts.append(model.encode_image(images[i:i + chunk].to(device), normalize=True).float())
-    return torch.cat(parts)
+    return _encode(model.encode_image, images, chunk, device, autocast)
 
 
-@torch.no_grad()
 def encode_texts(model, tokens: Tensor, chunk: int, device, autocast=contextlib.nullcontext) -> Tensor:
-    parts = []
-    for i in range(0, tokens.shape[0], chunk):
-        with autocast():
-            parts.append(model.encode_text(tokens[i:i + chunk].to(device), normalize=True).float())
-    return torch.cat(parts)
+    return _encode(model.encode_text, tokens, chunk, device, autocast)
 
 
 def _recall(queries: Tensor, keys: Tensor, groups: Tensor, ks=RECALL_AT, block: int = 1024) -> dict:

@@ -47,6 +47,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mmkernels import _checks
+from mmkernels.distributed._kernels import ring_kernels
+from mmkernels.distributed._ring import Pending, Ring
 from mmkernels.ops import _common
 from mmkernels.ops import siglip as _siglip
 
@@ -64,45 +66,7 @@ def ring_rounds(world_size: int, exchange: str) -> list[tuple[int, ...]]:
     return [(RIGHT, LEFT)] * both_ways + [(RIGHT,)] * one_more
 
 
-class _Ring:
-    """This rank's place in the group, and non-blocking point-to-point rounds."""
-
-    def __init__(self, group):
-        self.group = group
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-
-    def peer(self, offset: int) -> int:
-        """The global rank ``offset`` places along the ring (what P2P ops address)."""
-        group_rank = (self.rank + offset) % self.size
-        if self.group is None or self.group is dist.group.WORLD:
-            return group_rank
-        return dist.get_global_rank(self.group, group_rank)
-
-    def start(self, sends: list[tuple[Tensor, int]], receives: list[tuple[Tensor, int]]):
-        """Post ``(tensor, offset)`` sends and receives (into the given buffers) at once.
-        Every rank posts the same pattern, so each pair of ranks sees its messages
-        in the same order on both sides (NCCL matches in order, ignoring tags)."""
-        ops = [dist.P2POp(dist.isend, t, self.peer(k), self.group) for t, k in sends]
-        ops += [dist.P2POp(dist.irecv, t, self.peer(k), self.group) for t, k in receives]
-        return _Pending(dist.batch_isend_irecv(ops), [t for t, _ in sends],
-                        [t for t, _ in receives])
-
-
-class _Pending:
-    """Messages in flight; :meth:`wait` returns the received tensors."""
-
-    def __init__(self, requests, sent, received):
-        self._requests, self._sent, self._received = requests, sent, received
-
-    def wait(self) -> list[Tensor]:
-        for request in self._requests:
-            request.wait()
-        self._sent = None  # the send buffers may be freed now
-        return self._received
-
-
-def _pass_on(ring: _Ring, blocks: dict[int, Tensor], directions) -> _Pending:
+def _pass_on(ring: Ring, blocks: dict[int, Tensor], directions) -> Pending:
     """Send each direction's block one hop along, receive the next one from the other side."""
     return ring.start([(blocks[d], d) for d in directions],
                       [(torch.empty_like(blocks[d]), -d) for d in directions])
@@ -200,8 +164,8 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("siglip_loss_distributed: torch.distributed is not initialized; "
                            "call torch.distributed.init_process_group first")
-    fwd, bwd = _siglip.KERNELS.kernels(name, image_features.device)
-    ring = _Ring(group)
+    fwd, bwd = ring_kernels("siglip", name, image_features.device)
+    ring = Ring.of(group)
     per_row = _SigLipRing.apply(image_features, text_features, scale, bias, normalize, fwd, bwd,
                                 ring, ring_rounds(ring.size, exchange))
     return _siglip._reduce(per_row, reduction)

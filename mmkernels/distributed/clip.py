@@ -68,68 +68,23 @@ raises the same error everywhere instead of hanging.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from mmkernels import _checks, backends
+from mmkernels.distributed._autograd import (AllGather, LossOverRanks, SharedScalar,
+                                             SumOverRanks, gather_rows)
+from mmkernels.distributed._kernels import ring_kernels
+from mmkernels.distributed._ring import Ring, Slots
 from mmkernels.ops import _common
 from mmkernels.ops import logsumexp as _lse
-from mmkernels.ops.contrastive import _Side, contrastive_loss as _single_process_loss
+from mmkernels.ops.contrastive import contrastive_loss as _single_process_loss
 from mmkernels.ops.contrastive import info_nce as _info_nce
+from mmkernels.ops.contrastive import pair_losses
 
 STRATEGIES = ("ring", "gather")
-
-
-# --- the process group and the layout of the global batch -------------------
-
-@dataclass(frozen=True)
-class _World:
-    """A process group and the batch sizes of its ranks (the global batch's layout)."""
-
-    group: object  # a ProcessGroup, or None for the default group
-    rank: int
-    size: int
-    sizes: tuple  # rows held by each rank, in rank order
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def offset(self) -> int:
-        """Index of this rank's first row in the global batch."""
-        return sum(self.sizes[: self.rank])
-
-    def visiting(self, step: int) -> int:
-        """The rank whose text block this rank holds at ring step ``step``."""
-        return (self.rank - step) % self.size
-
-    def global_rank(self, group_rank: int) -> int:
-        if self.group is None:
-            return group_rank
-        return dist.get_global_rank(self.group, group_rank)
-
-    def p2p(self, send: Tensor | None, recv: Tensor | None, ops: list) -> None:
-        """Append a send to the next rank and a receive from the previous rank to ``ops``."""
-        if send is not None:
-            ops.append(dist.P2POp(dist.isend, send, self.global_rank((self.rank + 1) % self.size),
-                                  self.group))
-        if recv is not None:
-            ops.append(dist.P2POp(dist.irecv, recv, self.global_rank((self.rank - 1) % self.size),
-                                  self.group))
-
-
-def _start(ops: list) -> list:
-    return dist.batch_isend_irecv(ops) if ops else []
-
-
-def _finish(works: list) -> None:
-    for work in works:
-        work.wait()
 
 
 # --- checks, done on every rank and agreed on before any features move -------
@@ -146,7 +101,7 @@ def _agree(group, image_features, text_features, logit_scale, *, strategy, norma
     the same error on every rank when something is wrong.
 
     ``claimed``: (rank, world_size) as a caller was configured (ClipLoss), checked
-    against the group. Returns ``(world, scale, backend_name)``.
+    against the group. Returns ``(ring, scale, backend_name)``.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("mmkernels.distributed: torch.distributed is not initialized; call "
@@ -193,7 +148,7 @@ def _agree(group, image_features, text_features, logit_scale, *, strategy, norma
         raise error
     _check_agreement(table)
     sizes = tuple(int(row["rows"]) for row in table)
-    return _World(group, rank, size, sizes), scale, name
+    return Ring(group, rank, size, sizes), scale, name
 
 
 def _check_agreement(table: list) -> None:
@@ -231,183 +186,75 @@ def _check_agreement(table: list) -> None:
                          "collective, so every rank must take part in it")
 
 
-# --- differentiable collectives (identity-like forwards, chosen backwards) ---
-
-class _LossOverRanks(torch.autograd.Function):
-    """Sum of the ranks' shares of the loss (an all_reduce). Backward: this rank's
-    share receives the upstream gradient times ``multiplier`` (W for open_clip's
-    gather_with_grad semantics, 1 without); no communication."""
-
-    @staticmethod
-    def forward(ctx, share: Tensor, world: _World, multiplier: float):
-        ctx.multiplier = multiplier
-        total = share.detach().clone()
-        dist.all_reduce(total, group=world.group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.multiplier, None, None
-
-
-class _SharedScalar(torch.autograd.Function):
-    """logit_scale as every rank's share of the loss sees it. Backward: the shares'
-    gradients summed over ranks (an all_reduce), divided by ``divisor`` (the
-    multiplier of _LossOverRanks), so each rank gets dL/dscale."""
-
-    @staticmethod
-    def forward(ctx, scale: Tensor, world: _World, divisor: float):
-        ctx.world, ctx.divisor = world, divisor
-        return scale.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        total = grad.detach().clone()
-        dist.all_reduce(total, group=ctx.world.group)
-        return total / ctx.divisor, None, None
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """A tensor summed over ranks; the backward sums the gradients over ranks too
-    (every rank's share depends on every rank's part)."""
-
-    @staticmethod
-    def forward(ctx, part: Tensor, world: _World):
-        ctx.world = world
-        total = part.detach().clone()
-        dist.all_reduce(total, group=world.group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        total = grad.detach().clone()
-        dist.all_reduce(total, group=ctx.world.group)
-        return total, None
-
-
-def _gather_rows(x: Tensor, world: _World) -> Tensor:
-    """All ranks' rows of ``x`` concatenated in rank order (uneven sizes padded for
-    the collective), not differentiable."""
-    largest = max(world.sizes)
-    padded = x.new_zeros(largest, x.shape[1])
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world.size)]
-    dist.all_gather(parts, padded.contiguous(), group=world.group)
-    return torch.cat([part[:rows] for part, rows in zip(parts, world.sizes)])
-
-
-class _AllGather(torch.autograd.Function):
-    """All ranks' rows, concatenated; the backward sums each rank's gradient of the
-    whole over ranks and returns this rank's rows (open_clip's gather_with_grad)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, world: _World):
-        ctx.world = world
-        return _gather_rows(x, world)
-
-    @staticmethod
-    def backward(ctx, grad):
-        world = ctx.world
-        largest = max(world.sizes)
-        padded = grad.new_zeros(world.size, largest, grad.shape[1])
-        start = 0
-        for q, rows in enumerate(world.sizes):
-            padded[q, :rows] = grad[start:start + rows]
-            start += rows
-        if dist.get_backend(world.group) == "nccl":
-            mine = grad.new_empty(largest, grad.shape[1])
-            dist.reduce_scatter_tensor(mine, padded.view(-1, grad.shape[1]), group=world.group)
-        else:  # gloo has no reduce_scatter
-            dist.all_reduce(padded, group=world.group)
-            mine = padded[world.rank]
-        return mine[: world.sizes[world.rank]].contiguous(), None
-
-
 # --- ring strategy -------------------------------------------------------------
 
-class _Slots:
-    """Receive buffers reused by every step of a ring, taken in turn: with two, one
-    is computed on while the other fills. A ring allocates a fixed number of
-    them, whatever W (and keeps the allocator from growing with W)."""
-
-    def __init__(self, count: int, numel: int, like: Tensor, dtype: torch.dtype | None = None):
-        self._flat = [like.new_empty(numel, dtype=dtype or like.dtype) for _ in range(count)]
-
-    def take(self, step: int, *shape: int) -> Tensor:
-        numel = shape[0] * shape[1]
-        return self._flat[step % len(self._flat)][:numel].view(*shape)
-
-
-def _ring_forward(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, world: _World, fwd):
+def _ring_forward(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, ring: Ring, fwd):
     """(row_lse, col_lse) of this rank's rows against the global batch, by the ring."""
     d = a.shape[1]
     block = b.contiguous()  # the visiting text block (this rank's own at step 0); sent as is
-    blocks = _Slots(2, max(world.sizes) * d, b)
+    blocks = Slots(2, max(ring.sizes) * d, b)
     row_lse = col_done = None
-    for step in range(world.size):
-        v = world.visiting(step)
-        ops, incoming, col_in = [], None, None
-        if step < world.size - 1:  # send this block on, receive the next
-            incoming = blocks.take(step, world.sizes[world.visiting(step + 1)], d)
-            world.p2p(block, incoming, ops)
+    for step in range(ring.size):
+        v = ring.visiting(step)
+        sends, receives, incoming, col_in = [], [], None, None
+        if step < ring.size - 1:  # send this block on, receive the next
+            incoming = blocks.take(step, ring.sizes[ring.visiting(step + 1)], d)
+            sends.append((block, 1))
+            receives.append((incoming, -1))
         if step > 0:  # the previous block's column statistics follow it, one step behind
-            col_in = a.new_empty(world.sizes[v], dtype=_checks.compute_dtype(a.dtype))
-            world.p2p(col_done, col_in, ops)
-        works = _start(ops)
+            col_in = a.new_empty(ring.sizes[v], dtype=_checks.compute_dtype(a.dtype))
+            sends.append((col_done, 1))
+            receives.append((col_in, -1))
+        pending = ring.start(sends, receives)
         row_k, col_k = fwd(a, block, scale, normalize)
-        _finish(works)
+        pending.wait()
         row_lse = row_k if row_lse is None else torch.logaddexp(row_lse, row_k)
         col_done = col_k if col_in is None else torch.logaddexp(col_k, col_in)
         block = incoming
-    if world.size == 1:
+    if ring.size == 1:
         return row_lse, col_done
     # col_done is complete for the block of rank + 1: one more hop takes it home.
-    col_lse = torch.empty_like(row_lse)
-    ops = []
-    world.p2p(col_done, col_lse, ops)
-    _finish(_start(ops))
+    (col_lse,) = ring.start([(col_done, 1)], [(torch.empty_like(row_lse), -1)]).wait()
     return row_lse, col_lse
 
 
-def _ring_backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, world: _World, bwd,
+def _ring_backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, ring: Ring, bwd,
                    needs_input_grad):
     """Gradients of (a, b, scale's share) by the ring: pb stays home, pa travels."""
-    d, largest = a.shape[1], max(world.sizes)
+    d, largest = a.shape[1], max(ring.sizes)
     # What travels: the block, its col_lse and g_col, and (one step behind) its pa accumulator.
     block, stats = b.contiguous(), torch.stack([col_lse, g_col])
-    blocks, block_stats = _Slots(2, largest * d, b), _Slots(2, 2 * largest, stats)
-    accumulators = _Slots(1, largest * d, row_lse)  # emptied (added to pa_k) within its step
+    blocks, block_stats = Slots(2, largest * d, b), Slots(2, 2 * largest, stats)
+    accumulators = Slots(1, largest * d, row_lse)  # emptied (added to pa_k) within its step
     pb = acc = None
-    for step in range(world.size):
-        v = world.visiting(step)
-        ops, incoming, incoming_stats, acc_in = [], None, None, None
-        if step < world.size - 1:
-            rows = world.sizes[world.visiting(step + 1)]
+    for step in range(ring.size):
+        v = ring.visiting(step)
+        sends, receives, incoming, incoming_stats, acc_in = [], [], None, None, None
+        if step < ring.size - 1:
+            rows = ring.sizes[ring.visiting(step + 1)]
             incoming, incoming_stats = blocks.take(step, rows, d), block_stats.take(step, 2, rows)
-            world.p2p(block, incoming, ops)
-            world.p2p(stats, incoming_stats, ops)
+            sends += [(block, 1), (stats, 1)]
+            receives += [(incoming, -1), (incoming_stats, -1)]
         if step > 0:  # the previous block's accumulator follows it, one step behind
-            acc_in = accumulators.take(step, world.sizes[v], d)
-            world.p2p(acc, acc_in, ops)
-        works = _start(ops)
+            acc_in = accumulators.take(step, ring.sizes[v], d)
+            sends.append((acc, 1))
+            receives.append((acc_in, -1))
+        pending = ring.start(sends, receives)
         pb_k, pa_k = bwd(a, block, scale, normalize, row_lse, stats[0], g_row, stats[1])
-        _finish(works)
+        pending.wait()
         pb = pb_k if pb is None else pb.add_(pb_k)
         acc = pa_k.contiguous() if acc_in is None else pa_k.add_(acc_in)
         block, stats = incoming, incoming_stats
 
     needs_a, needs_b, needs_scale = needs_input_grad
-    if world.size == 1:
+    if ring.size == 1:
         return _common.grads_from_products(a, b, scale, normalize, pb, acc, needs_input_grad)
     # acc is complete for the block of rank + 1: send it home, and receive ours while
     # the home rows' gradients are formed.
-    pa = acc.new_empty(b.shape[0], d)
-    ops = []
-    world.p2p(acc, pa, ops)
-    works = _start(ops)
+    pending = ring.start([(acc, 1)], [(acc.new_empty(b.shape[0], d), -1)])
     grad_a, _, grad_scale = _common.grads_from_products(a, b, scale, normalize, pb, None,
                                                         (needs_a, False, needs_scale))
-    _finish(works)
+    (pa,) = pending.wait()
     _, grad_b, _ = _common.grads_from_products(a, b, scale, normalize, None, pa,
                                                (False, needs_b, False))
     return grad_a, grad_b, grad_scale
@@ -422,11 +269,11 @@ class _RingLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a, b, scale, normalize, world, kernels):
+    def forward(ctx, a, b, scale, normalize, ring, kernels):
         fwd, bwd = kernels
-        row_lse, col_lse = _ring_forward(a, b, scale, normalize, world, fwd)
+        row_lse, col_lse = _ring_forward(a, b, scale, normalize, ring, fwd)
         ctx.save_for_backward(a, b, scale, row_lse, col_lse)
-        ctx.normalize, ctx.world, ctx.bwd = normalize, world, bwd
+        ctx.normalize, ctx.ring, ctx.bwd = normalize, ring, bwd
         return row_lse, col_lse
 
     @staticmethod
@@ -436,20 +283,16 @@ class _RingLogSumExp(torch.autograd.Function):
         g_row = torch.zeros_like(row_lse) if g_row is None else g_row.contiguous()
         g_col = torch.zeros_like(col_lse) if g_col is None else g_col.contiguous()
         grads = _ring_backward(a, b, scale, ctx.normalize, row_lse, col_lse, g_row, g_col,
-                               ctx.world, ctx.bwd, ctx.needs_input_grad[:3])
+                               ctx.ring, ctx.bwd, ctx.needs_input_grad[:3])
         return (*grads, None, None, None)
-
-
-def _kernels(name: str, device: torch.device):
-    return _lse.KERNELS.kernels(name, device)
 
 
 # --- gather strategy -----------------------------------------------------------
 
-def _gather_lse(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, world: _World, name: str):
+def _gather_lse(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, ring: Ring, name: str):
     """(row_lse, col_lse) of the local rows from all-gathered features, by the
     single-process primitive: a_r against all texts, b_r against all images."""
-    all_a, all_b = _AllGather.apply(a, world), _AllGather.apply(b, world)
+    all_a, all_b = AllGather.apply(a, ring), AllGather.apply(b, ring)
     row_lse, _ = _lse.lse(a, all_b, scale, normalize, name)
     col_lse, _ = _lse.lse(b, all_a, scale, normalize, name)
     return row_lse, col_lse
@@ -461,38 +304,27 @@ def _global_loss(image_features, text_features, logit_scale, *, group, strategy,
                  label_smoothing, backend, gather_with_grad: bool, claimed=None) -> Tensor:
     """The global-batch loss on every rank. Feature gradients: W * dL/dx with
     ``gather_with_grad`` (open_clip's gather_with_grad=True), dL/dx without."""
-    world, scale, name = _agree(group, image_features, text_features, logit_scale,
-                                strategy=strategy, normalize=normalize,
-                                label_smoothing=label_smoothing, backend=backend, claimed=claimed)
-    if world.size == 1:
+    ring, scale, name = _agree(group, image_features, text_features, logit_scale,
+                               strategy=strategy, normalize=normalize,
+                               label_smoothing=label_smoothing, backend=backend, claimed=claimed)
+    if ring.size == 1:
         return _single_process_loss(image_features, text_features, scale, normalize=normalize,
                                     label_smoothing=label_smoothing, backend=name)
-    multiplier = float(world.size) if gather_with_grad else 1.0
+    multiplier = float(ring.size) if gather_with_grad else 1.0
     if scale.requires_grad:
-        scale = _SharedScalar.apply(scale, world, multiplier)
+        scale = SharedScalar.apply(scale, ring, multiplier)
     if strategy == "ring":
         row_lse, col_lse = _RingLogSumExp.apply(image_features, text_features, scale, normalize,
-                                                world, _kernels(name, image_features.device))
+                                                ring, ring_kernels("logsumexp", name, image_features.device))
     else:
-        row_lse, col_lse = _gather_lse(image_features, text_features, scale, normalize, world,
+        row_lse, col_lse = _gather_lse(image_features, text_features, scale, normalize, ring,
                                        name)
-
-    # The O(n * D) terms of the local pairs, as in ops/contrastive.py; label
-    # smoothing's row means need the global sums of the features.
-    img, txt = _Side(image_features, normalize), _Side(text_features, normalize)
-    positive = scale * img.dot(txt)  # S[i, i]
-    if label_smoothing:
-        n = world.total
-        row_mean = scale * img.dot_vector(_SumOverRanks.apply(txt.total(), world)) / n
-        col_mean = scale * txt.dot_vector(_SumOverRanks.apply(img.total(), world)) / n
-        kept = 1.0 - label_smoothing
-        image_to_text = row_lse - kept * positive - label_smoothing * row_mean
-        text_to_image = col_lse - kept * positive - label_smoothing * col_mean
-    else:
-        image_to_text = row_lse - positive
-        text_to_image = col_lse - positive
-    share = ((image_to_text + text_to_image) / 2).sum() / world.total
-    return _LossOverRanks.apply(share, world, multiplier)
+    # The O(n * D) terms of the local pairs, as on one process; label smoothing's
+    # row means need the global sums of the features.
+    per_pair = pair_losses(image_features, text_features, row_lse, col_lse, scale, normalize,
+                           label_smoothing, n=ring.total,
+                           batch_sum=lambda v: SumOverRanks.apply(v, ring))
+    return LossOverRanks.apply(per_pair.sum() / ring.total, ring, multiplier)
 
 
 @_checks.outside_autocast
@@ -560,15 +392,15 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, loc
                             strategy=strategy, normalize=False, label_smoothing=0.0,
                             backend=backend, gather_with_grad=gather_with_grad, claimed=claimed)
     # No ring here: each rank's rows meet the gathered batch in the single-process ops.
-    world, scale, name = _agree(group, image_features, text_features, logit_scale,
-                                strategy="gather", normalize=False, label_smoothing=0.0,
-                                backend=backend, claimed=claimed)
+    ring, scale, name = _agree(group, image_features, text_features, logit_scale,
+                               strategy="gather", normalize=False, label_smoothing=0.0,
+                               backend=backend, claimed=claimed)
     if gather_with_grad:
-        all_image, all_text = (_AllGather.apply(x, world) for x in (image_features, text_features))
+        all_image, all_text = (AllGather.apply(x, ring) for x in (image_features, text_features))
     else:
         with torch.no_grad():
-            all_image, all_text = (_gather_rows(x, world) for x in (image_features, text_features))
-    labels = world.offset + torch.arange(world.sizes[world.rank], device=image_features.device)
+            all_image, all_text = (gather_rows(x, ring) for x in (image_features, text_features))
+    labels = ring.offset + torch.arange(ring.sizes[ring.rank], device=image_features.device)
     image_to_text = _info_nce(image_features, all_text, labels, scale, backend=name)
     text_to_image = _info_nce(text_features, all_image, labels, scale, backend=name)
     return (image_to_text + text_to_image) / 2

@@ -43,21 +43,18 @@ from torch import Tensor
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-class RNGState:
+def rng_state(device: torch.device) -> dict:
     """The global random state that dropout draws from: CPU and, for a CUDA
-    model, that GPU's generator."""
+    device, that GPU's generator (what a checkpoint stores, per rank)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
 
-    def get(self):
-        return (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda else None)
-
-    def set(self, state) -> None:
-        torch.set_rng_state(state[0])
-        if self.cuda:
-            torch.cuda.set_rng_state(state[1], self.device)
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore a :func:`rng_state`."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _spans(n: int, size: int) -> list[tuple[int, int]]:
@@ -96,19 +93,19 @@ def contrastive_step(model, images: Tensor, tokens: Tensor, loss_fn: LossFn,
         return loss.detach()
 
     spans = _spans(n, micro_batch)
-    rng = RNGState(images.device)
+    device = images.device
     # Pass 1: embeddings without autograd, recording the random state of each forward.
     image_states, text_states, image_parts, text_parts = [], [], [], []
     with torch.no_grad():
         for a, b in spans:
-            image_states.append(rng.get())
+            image_states.append(rng_state(device))
             with autocast():
                 image_parts.append(model.encode_image(images[a:b], normalize=True).float())
         for a, b in spans:
-            text_states.append(rng.get())
+            text_states.append(rng_state(device))
             with autocast():
                 text_parts.append(model.encode_text(tokens[a:b], normalize=True).float())
-    state_after = rng.get()
+    state_after = rng_state(device)
     image_features = torch.cat(image_parts).requires_grad_()
     text_features = torch.cat(text_parts).requires_grad_()
     del image_parts, text_parts
@@ -121,14 +118,14 @@ def contrastive_step(model, images: Tensor, tokens: Tensor, loss_fn: LossFn,
 
     # Pass 3: each chunk again with autograd, seeded with its embedding gradient.
     for (a, b), state in zip(spans, image_states):
-        rng.set(state)
+        set_rng_state(state, device)
         with autocast():
             out = model.encode_image(images[a:b], normalize=True).float()
         out.backward(image_grad[a:b])
     for (a, b), state in zip(spans, text_states):
-        rng.set(state)
+        set_rng_state(state, device)
         with autocast():
             out = model.encode_text(tokens[a:b], normalize=True).float()
         out.backward(text_grad[a:b])
-    rng.set(state_after)
+    set_rng_state(state_after, device)
     return loss.detach()

@@ -1,0 +1,20 @@
+"""The losses of a global batch spread over torch.distributed ranks.
+
+- :func:`contrastive_loss`: the symmetric CLIP loss of the global batch, by a
+  point-to-point ring (O(local_N * D) per rank) or an all-gather
+  (clip.py explains the maths and the strategies);
+- :func:`clip_loss`: what :class:`mmkernels.ClipLoss` runs for world_size > 1
+  (open_clip's local_loss / gather_with_grad flags);
+- :func:`siglip_loss_distributed`: this rank's SigLIP loss against the texts of
+  every rank, by ring exchange (siglip.py).
+
+Shared pieces: _ring.py (the ring of ranks and its point-to-point messages),
+_autograd.py (the differentiable all-gather and sums over ranks), _kernels.py
+(the tile kernels the rings run).
+"""
+
+from mmkernels.distributed.clip import STRATEGIES, clip_loss, contrastive_loss
+from mmkernels.distributed.siglip import EXCHANGES, siglip_loss_distributed
+
+__all__ = ["STRATEGIES", "EXCHANGES", "clip_loss", "contrastive_loss",
+           "siglip_loss_distributed"]

@@ -1,0 +1,99 @@
+"""Differentiable collectives of the distributed losses: identity-like forwards,
+chosen backwards (open_clip's gather_with_grad semantics)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mmkernels.distributed._ring import Ring
+
+
+def _summed(x: Tensor, ring: Ring) -> Tensor:
+    """A copy of ``x`` summed over the ranks (an all_reduce), outside autograd."""
+    total = x.detach().clone()
+    dist.all_reduce(total, group=ring.group)
+    return total
+
+
+class LossOverRanks(torch.autograd.Function):
+    """Sum of the ranks' shares of the loss (an all_reduce). Backward: this rank's
+    share receives the upstream gradient times ``multiplier`` (W for open_clip's
+    gather_with_grad semantics, 1 without); no communication."""
+
+    @staticmethod
+    def forward(ctx, share: Tensor, ring: Ring, multiplier: float):
+        ctx.multiplier = multiplier
+        return _summed(share, ring)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.multiplier, None, None
+
+
+class SharedScalar(torch.autograd.Function):
+    """logit_scale as every rank's share of the loss sees it. Backward: the shares'
+    gradients summed over ranks (an all_reduce), divided by ``divisor`` (the
+    multiplier of LossOverRanks), so each rank gets dL/dscale."""
+
+    @staticmethod
+    def forward(ctx, scale: Tensor, ring: Ring, divisor: float):
+        ctx.ring, ctx.divisor = ring, divisor
+        return scale.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _summed(grad, ctx.ring) / ctx.divisor, None, None
+
+
+class SumOverRanks(torch.autograd.Function):
+    """A tensor summed over ranks; the backward sums the gradients over ranks too
+    (every rank's share depends on every rank's part)."""
+
+    @staticmethod
+    def forward(ctx, part: Tensor, ring: Ring):
+        ctx.ring = ring
+        return _summed(part, ring)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _summed(grad, ctx.ring), None
+
+
+def gather_rows(x: Tensor, ring: Ring) -> Tensor:
+    """All ranks' rows of ``x`` concatenated in rank order (uneven sizes padded for
+    the collective), not differentiable."""
+    largest = max(ring.sizes)
+    padded = x.new_zeros(largest, x.shape[1])
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(ring.size)]
+    dist.all_gather(parts, padded.contiguous(), group=ring.group)
+    return torch.cat([part[:rows] for part, rows in zip(parts, ring.sizes)])
+
+
+class AllGather(torch.autograd.Function):
+    """All ranks' rows, concatenated; the backward sums each rank's gradient of the
+    whole over ranks and returns this rank's rows (open_clip's gather_with_grad)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, ring: Ring):
+        ctx.ring = ring
+        return gather_rows(x, ring)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ring = ctx.ring
+        largest = max(ring.sizes)
+        padded = grad.new_zeros(ring.size, largest, grad.shape[1])
+        start = 0
+        for q, rows in enumerate(ring.sizes):
+            padded[q, :rows] = grad[start:start + rows]
+            start += rows
+        if dist.get_backend(ring.group) == "nccl":
+            mine = grad.new_empty(largest, grad.shape[1])
+            dist.reduce_scatter_tensor(mine, padded.view(-1, grad.shape[1]), group=ring.group)
+        else:  # gloo has no reduce_scatter
+            dist.all_reduce(padded, group=ring.group)
+            mine = padded[ring.rank]
+        return mine[: ring.sizes[ring.rank]].contiguous(), None
