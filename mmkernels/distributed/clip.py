@@ -314,8 +314,9 @@ def _global_loss(image_features, text_features, logit_scale, *, group, strategy,
     if scale.requires_grad:
         scale = SharedScalar.apply(scale, ring, multiplier)
     if strategy == "ring":
+        kernels = ring_kernels("logsumexp", name, image_features.device)
         row_lse, col_lse = _RingLogSumExp.apply(image_features, text_features, scale, normalize,
-                                                ring, ring_kernels("logsumexp", name, image_features.device))
+                                                ring, kernels)
     else:
         row_lse, col_lse = _gather_lse(image_features, text_features, scale, normalize, ring,
                                        name)
