@@ -251,7 +251,7 @@ def mutant_without_barrier() -> str:
     source = lane.KERNELS.read_text()
     marker = "__syncthreads();  // before the next slice"
     assert source.count(marker) == 1
-    return source.replace(marker, "/* barrier removed */")
+    return source.replace(marker, "// barrier removed: before the next slice")
 
 
 def test_mutant_without_barrier_fails_under_tsan(tmp_path):

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -159,6 +160,65 @@ inline bool launch_config_ok(const char* kernel, dim3 grid, dim3 block, size_t d
   return false;
 }
 
+// Worker threads kept for the whole process: a block's threads are the first
+// blockDim of them, so that no thread is created per block (thread creation
+// dominates the sanitizer runs otherwise).
+class ThreadPool {
+ public:
+  static ThreadPool& get() {
+    static ThreadPool pool;
+    return pool;
+  }
+
+  // Runs body(t) for t in [0, threads), each on its own thread; returns when all have.
+  void run(int threads, const std::function<void(int)>& body) {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (static_cast<int>(workers_.size()) < threads) {
+      const int id = static_cast<int>(workers_.size());
+      workers_.emplace_back([this, id] { work(id); });
+    }
+    body_ = &body;
+    active_ = remaining_ = threads;
+    ++generation_;
+    start_.notify_all();
+    done_.wait(lock, [&] { return remaining_ == 0; });
+    body_ = nullptr;
+  }
+
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    start_.notify_all();
+    for (auto& worker : workers_) worker.join();
+  }
+
+ private:
+  void work(int id) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      start_.wait(lock, [&] { return stop_ || (generation_ != seen && id < active_); });
+      if (stop_) return;
+      seen = generation_;
+      const std::function<void(int)>* body = body_;
+      lock.unlock();
+      (*body)(id);
+      lock.lock();
+      if (--remaining_ == 0) done_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable start_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* body_ = nullptr;
+  int active_ = 0, remaining_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
 // `kernel<<<grid, block, smem, stream>>>(args...)` becomes, in the temporary
 // copy the lane compiles, `::mmk_emu::Launch("kernel", grid, block, smem, stream)(kernel, args...)`.
 class Launch {
@@ -186,23 +246,17 @@ class Launch {
   void run_block(void (*kernel)(Params...), const std::tuple<Params...>& params, uint3 block_index,
                  int threads) const {
     Block block(name_, threads);
-    std::vector<std::thread> workers;
-    workers.reserve(threads);
-    for (int t = 0; t < threads; ++t) {
-      const uint3 thread_index{t % block_.x, (t / block_.x) % block_.y, t / (block_.x * block_.y)};
-      workers.emplace_back([&, t, thread_index] {
-        threadIdx = thread_index;
-        blockIdx = block_index;
-        blockDim = block_;
-        gridDim = grid_;
-        current_block = &block;
-        std::apply(kernel, params);
-        block.barrier.exit();
-        block.warps[t / 32]->exit();
-        current_block = nullptr;
-      });
-    }
-    for (auto& worker : workers) worker.join();
+    ThreadPool::get().run(threads, [&](int t) {
+      threadIdx = uint3{t % block_.x, (t / block_.x) % block_.y, t / (block_.x * block_.y)};
+      blockIdx = block_index;
+      blockDim = block_;
+      gridDim = grid_;
+      current_block = &block;
+      std::apply(kernel, params);
+      block.barrier.exit();
+      block.warps[t / 32]->exit();
+      current_block = nullptr;
+    });
   }
 
   const char* name_;
