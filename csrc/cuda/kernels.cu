@@ -35,6 +35,14 @@ constexpr int BN = static_cast<int>(kTileCols);
 constexpr int kThreads = 128;
 constexpr int kLdc = BN + 4;  // row stride of the tile of dot products (wmma: a multiple of 4)
 
+// Blocks per SM that every kernel leaves registers for (__launch_bounds__'s
+// second argument). Without it ptxas chose its own cap and spilled on sm_80
+// (lse_fwd_kernel for fp16/bf16/fp64, similarity_kernel<bf16>); 4 blocks
+// allow 128 registers a thread, and fp64's tiles need 3 (170 registers).
+// tests/test_cuda_resources.py fails on any spill.
+template <typename T> constexpr int kMinBlocks = 4;
+template <> constexpr int kMinBlocks<double> = 3;
+
 // --- element types --------------------------------------------------------------
 
 template <typename T> struct AccOf { using type = float; };
@@ -227,7 +235,7 @@ __device__ __forceinline__ A col_factor(const A* rb, int64_t j) {
 // --- kernels ----------------------------------------------------------------------
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
 lse_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t m, int64_t d,
                const typename AccOf<T>::type* ra, const typename AccOf<T>::type* rb,
                const typename AccOf<T>::type* scale, int64_t row0, int64_t band_end,
@@ -292,7 +300,7 @@ __global__ void merge_col_stats_kernel(const A* part_max, const A* part_sum, int
 }
 
 template <typename T, typename P>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
 lse_bwd_p_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t m, int64_t d,
                  const typename AccOf<T>::type* ra, const typename AccOf<T>::type* rb,
                  const typename AccOf<T>::type* scale, int64_t row0, int64_t band_end,
@@ -320,7 +328,7 @@ lse_bwd_p_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t m, in
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
 siglip_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n, int64_t m, int64_t d,
                   const typename AccOf<T>::type* ra, const typename AccOf<T>::type* rb,
                   const typename AccOf<T>::type* scale, const typename AccOf<T>::type* bias, bool positives,
@@ -361,7 +369,7 @@ siglip_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n, i
 }
 
 template <typename T, typename P>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
 siglip_bwd_p_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t m, int64_t d,
                     const typename AccOf<T>::type* ra, const typename AccOf<T>::type* rb,
                     const typename AccOf<T>::type* scale, const typename AccOf<T>::type* bias, bool positives,
@@ -401,7 +409,7 @@ siglip_bwd_p_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t m,
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
 similarity_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n, int64_t m, int64_t d,
                   const typename AccOf<T>::type* ra, const typename AccOf<T>::type* rb,
                   const typename AccOf<T>::type* scale, T* out) {

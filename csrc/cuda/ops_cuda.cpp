@@ -8,7 +8,8 @@
 // recomputed once, 4 GEMM-equivalents in all, extra memory one band of P.
 // SigLIP: the forward sums each row's losses in one pass over S (no scratch);
 // the backward is the primitive's, with P from siglip_bwd_band and p_row from
-// its per-tile row sums.
+// its per-tile row sums. Band lengths, scratch sizes and the order of the
+// bands' kernels and products: bands.h (shared with the CPU emulation lane).
 // Everything runs on the current CUDA stream of the inputs' device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -22,6 +23,7 @@
 #include <limits>
 
 #include "../common.h"
+#include "bands.h"
 #include "launch.h"
 
 namespace mmkernels::cuda {
@@ -37,8 +39,6 @@ constexpr bool kHalfGemmToFloat = true;
 constexpr bool kHalfGemmToFloat = false;
 #endif
 
-constexpr int64_t kBandBytes = int64_t{256} << 20;
-constexpr int64_t kMaxGridY = 65535;
 std::atomic<int64_t> g_band_rows{0};
 
 DType dtype_of(at::ScalarType type) {
@@ -52,15 +52,7 @@ DType dtype_of(at::ScalarType type) {
 }
 
 // Rows per band when each row of the band costs `bytes_per_row` of scratch.
-int64_t band_rows(int64_t n, int64_t bytes_per_row) {
-  int64_t rows = g_band_rows.load();
-  if (rows <= 0) rows = kBandBytes / std::max<int64_t>(1, bytes_per_row);
-  rows = std::max<int64_t>(kTileRows, rows / kTileRows * kTileRows);
-  // The backward's grid has a band's row tiles on y, which holds at most 65535 blocks.
-  return std::min({rows, n, kMaxGridY * kTileRows});
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t rows_per_band(int64_t n, int64_t bytes_per_row) { return band_rows(n, bytes_per_row, g_band_rows.load()); }
 
 // The operands as the kernels take them; the tensors keep the pointers alive.
 struct Prepared {
@@ -123,15 +115,15 @@ std::tuple<Tensor, Tensor> backward_bands(const Tensor& a, const Tensor& b, bool
   const auto p_type = (a.scalar_type() == at::kBFloat16 && kHalfGemmToFloat) ? at::kBFloat16 : compute;
   const Tensor ah = scaled_operand(a, normalize, p_type), bh = scaled_operand(b, normalize, p_type);
   Tensor pb = at::empty({n, d}, a.options().dtype(compute)), pa = at::empty({m, d}, a.options().dtype(compute));
-  const int64_t band = band_rows(n, m * at::elementSize(p_type) + scratch_per_row);
+  const int64_t band = rows_per_band(n, m * at::elementSize(p_type) + scratch_per_row);
   Tensor pband = at::empty({band, m}, a.options().dtype(p_type));
-  for (int64_t r0 = 0; r0 < n; r0 += band) {
-    const int64_t rows = std::min(band, n - r0);
-    write_p(r0, rows, pband.data_ptr(), dtype_of(p_type));
-    const Tensor pv = pband.narrow(0, 0, rows);
-    gemm_into(pb.narrow(0, r0, rows), pv, bh, /*accumulate=*/false);
-    gemm_into(pa, pv.t(), ah.narrow(0, r0, rows), /*accumulate=*/r0 > 0);
-  }
+  backward_band_loop(
+      n, band, [&](int64_t r0, int64_t rows) { write_p(r0, rows, pband.data_ptr(), dtype_of(p_type)); },
+      [&](int64_t r0, int64_t rows, bool accumulate) {
+        const Tensor pv = pband.narrow(0, 0, rows);
+        gemm_into(pb.narrow(0, r0, rows), pv, bh, /*accumulate=*/false);
+        gemm_into(pa, pv.t(), ah.narrow(0, r0, rows), accumulate);
+      });
   return {pb, pa};
 }
 
@@ -145,20 +137,11 @@ std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tenso
   Tensor row_lse = at::empty({n}, opts);
   Tensor col_max = at::full({m}, -std::numeric_limits<double>::infinity(), opts);
   Tensor col_sum = at::zeros({m}, opts);
-  // Scratch per row: its block's share of the column statistics (2 values per
-  // column per 64 rows), so bands are long and the grid fills the GPU.
-  const int64_t band = band_rows(n, ceil_div(2 * m * at::elementSize(compute), kTileRows));
-  Tensor part_max = at::empty({ceil_div(band, kTileRows), m}, opts);
+  const int64_t band = rows_per_band(n, fwd_bytes_per_row(m, dtype_of(compute)));
+  Tensor part_max = at::empty({fwd_part_rows(band), m}, opts);
   Tensor part_sum = at::empty_like(part_max);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t r0 = 0; r0 < n; r0 += band) {
-    const int64_t rows = std::min(band, n - r0);
-    C10_CUDA_CHECK(lse_fwd_band(p.x, r0, rows, row_lse.data_ptr(), part_max.data_ptr(),
-                                part_sum.data_ptr(), stream));
-    C10_CUDA_CHECK(merge_col_stats(dtype_of(compute), part_max.data_ptr(), part_sum.data_ptr(),
-                                   ceil_div(rows, kTileRows), m, col_max.data_ptr(), col_sum.data_ptr(),
-                                   stream));
-  }
+  C10_CUDA_CHECK(lse_fwd_bands(p.x, band, row_lse.data_ptr(), part_max.data_ptr(), part_sum.data_ptr(),
+                               col_max.data_ptr(), col_sum.data_ptr(), c10::cuda::getCurrentCUDAStream()));
   return {row_lse, col_max + col_sum.log()};
 }
 
@@ -216,7 +199,7 @@ std::tuple<Tensor, Tensor, Tensor> siglip_bwd_op(const Tensor& a, const Tensor& 
   Tensor p_row = at::empty({n}, a.options().dtype(compute));
   // A band's row sums of P per 64 columns, in the compute dtype (P itself may
   // be bf16); allocated for the first band, the longest.
-  const int64_t col_blocks = ceil_div(m, kTileCols);
+  const int64_t col_blocks = siglip_col_blocks(m);
   Tensor part;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto [pb, pa] = backward_bands(
