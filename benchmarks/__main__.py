@@ -5,10 +5,10 @@ else the CPU), prints a table per suite as it goes, appends the rows to
 CSV and JSONL files under benchmarks/results/ and draws the plots there.
 
 Suites plug in by themselves: every module ``benchmarks/bench_<name>.py``
-that defines ``run_suite(options: benchmarks.harness.SuiteOptions)`` is one,
-run in the order of its ``SUITE_ORDER`` (default 100) and given a share of
-``--time-budget`` proportional to its ``SUITE_WEIGHT`` (default 1). A module
-without ``run_suite`` is a standalone script, left alone.
+that defines ``SUITE``, a :class:`benchmarks.suite.Suite`, is one, run in the
+order of its ``SUITE.order`` and given a share of ``--time-budget``
+proportional to its ``SUITE.weight``. A module without ``SUITE`` is a
+standalone script, left alone.
 
     python -m benchmarks                       # the default suite
     python -m benchmarks --quick               # small sizes, under 2 minutes (CI); rows go to a temp folder
@@ -31,11 +31,14 @@ from pathlib import Path
 import torch
 
 import benchmarks
-from benchmarks import common, harness
+from benchmarks import common
+from benchmarks._results import SuiteOptions
+from benchmarks._timing import elapsed
+from benchmarks.suite import Suite
 
 
 def discover() -> list[tuple[str, object]]:
-    """(name, module) of every suite: benchmarks/bench_<name>.py defining run_suite, in order."""
+    """(name, module) of every suite: benchmarks/bench_<name>.py defining SUITE, in order."""
     found = []
     for info in pkgutil.iter_modules(benchmarks.__path__):
         if not info.name.startswith("bench_"):
@@ -45,9 +48,9 @@ def discover() -> list[tuple[str, object]]:
         except Exception as error:  # a broken script must not take the suite down
             print(f"(suite {info.name[6:]}: cannot import: {type(error).__name__}: {error})")
             continue
-        if callable(getattr(module, "run_suite", None)):
+        if isinstance(getattr(module, "SUITE", None), Suite):
             found.append((info.name[len("bench_"):], module))
-    return sorted(found, key=lambda item: (getattr(item[1], "SUITE_ORDER", 100), item[0]))
+    return sorted(found, key=lambda item: (item[1].SUITE.order, item[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,16 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"suites: {', '.join(name for name, _ in suites)}"
           + (f"; time budget {args.time_budget:.0f} s" if deadline else ""), flush=True)
 
-    options = harness.SuiteOptions(device=args.device, quick=args.quick, save=not args.no_save,
-                                   memory_budget_gib=args.memory_budget, impls=args.impl, reps=args.reps)
+    options = SuiteOptions(device=args.device, quick=args.quick, save=not args.no_save,
+                           memory_budget_gib=args.memory_budget, impls=args.impl, reps=args.reps)
     failed = []
-    weights = [float(getattr(module, "SUITE_WEIGHT", 1.0)) for _, module in suites]
+    weights = [float(module.SUITE.weight) for _, module in suites]
     for i, (name, module) in enumerate(suites):
         if deadline is not None:
             left = deadline - time.time()
             options.deadline = time.time() + max(0.0, left) * weights[i] / sum(weights[i:])
         try:
-            module.run_suite(options)
+            module.SUITE.run_suite(options)
         except Exception:  # report, and run the other suites
             failed.append(name)
             print(f"\n!! suite {name} failed:\n{traceback.format_exc()}", flush=True)
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as error:
             print(f"\nplots skipped ({error}; pip install matplotlib)")
         print(f"results in {folder}")
-    print(f"total {harness.elapsed(started)}" + (f"; failed suites: {failed}" if failed else ""), flush=True)
+    print(f"total {elapsed(started)}" + (f"; failed suites: {failed}" if failed else ""), flush=True)
     return 1 if failed else 0
 
 

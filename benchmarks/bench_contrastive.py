@@ -9,7 +9,7 @@ side by side in one run: naive (S materialized, open_clip's algorithm),
 torch.compile(naive), every mmkernels backend available on the device, and
 the peers that are installed (open_clip's ClipLoss; memeff and Inf-CL on
 CUDA). See benchmarks/implementations.py for what each one runs, and
-benchmarks/harness.py for how time and memory are measured. Each row also
+benchmarks/_child.py for how time and memory are measured. Each row also
 reports ``rel_err``: the loss value's relative distance to mmkernels' torch
 backend in fp32 on the same inputs (a peer that computed something else
 would show it).
@@ -21,17 +21,12 @@ import dataclasses
 
 import torch
 
-from benchmarks import harness, implementations
-from benchmarks.harness import Case, SuiteOptions, Workload
+from benchmarks import implementations
+from benchmarks._child import case_inputs
+from benchmarks._results import Case, Workload
+from benchmarks.suite import OpSuite
 
-MODULE = "benchmarks.bench_contrastive"
-OP = "contrastive"
 SCALE = 1.0 / 0.07  # CLIP's initial logit scale
-
-# The entry point (python -m benchmarks) runs suites in SUITE_ORDER and gives
-# each a share of a time budget proportional to SUITE_WEIGHT.
-SUITE_ORDER = 10
-SUITE_WEIGHT = 4.0
 
 
 def default_cases(device: str, quick: bool) -> list[Case]:
@@ -109,7 +104,7 @@ def check_targets(rows: list[dict], device: str) -> list[str]:
 def prepare(impl: str, case: Case, device: str) -> Workload:
     import mmkernels
 
-    a, b, _ = harness.case_inputs(case, device)
+    a, b, _ = case_inputs(case, device)
     a.requires_grad_()
     b.requires_grad_()
     scale = torch.tensor(SCALE, device=device, requires_grad=True)
@@ -130,27 +125,11 @@ def prepare(impl: str, case: Case, device: str) -> Workload:
                     note="no logit-scale gradient (fixed temperature)" if impl == "memeff" else "")
 
 
-# --- parent ------------------------------------------------------------------------
+# --- the suite ------------------------------------------------------------------------
 
-def run(cases: list[Case], options: SuiteOptions) -> list[dict]:
-    impls, notes = implementations.contrastive_impls(options.device, options.impls)
-    rows = harness.run_op_suite(
-        module=MODULE, op=OP, cases=cases, impls=impls, notes=notes, options=options,
-        title="contrastive_loss forward + backward (normalize=True)",
-        kind=implementations.kind, version=implementations.version)
-    for line in check_targets(rows, options.device):
-        print("   " + line, flush=True)
-    return rows
-
-
-def run_suite(options: SuiteOptions) -> list[dict]:
-    """The default suite's part: the default sizes on the device."""
-    return run(default_cases(options.device, options.quick), options)
-
-
-def main(argv: list[str] | None = None) -> None:
-    harness.script_main(__doc__, prepare, default_cases, run, argv)
-
+SUITE = OpSuite("benchmarks.bench_contrastive", __doc__, order=10, weight=4.0, op="contrastive",
+                title="contrastive_loss forward + backward (normalize=True)", prepare=prepare,
+                impls=implementations.contrastive_impls, cases=default_cases, report=check_targets)
 
 if __name__ == "__main__":
-    main()
+    SUITE.main()

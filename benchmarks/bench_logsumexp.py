@@ -7,7 +7,7 @@ then the backward of both outputs with random upstream gradients (what every
 loss of the library feeds it). Implementations: naive (torch.logsumexp of
 the materialized S along both dimensions), torch.compile(naive), and every
 mmkernels backend available on the device. Time and memory are measured as
-in bench_contrastive (benchmarks/harness.py); ``rel_err`` is the largest
+in bench_contrastive (benchmarks/_child.py); ``rel_err`` is the largest
 error of the two vectors against the torch backend in fp32, relative to
 their largest magnitude.
 """
@@ -16,24 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks import harness, implementations
-from benchmarks.harness import Case, SuiteOptions, Workload
+from benchmarks import implementations
+from benchmarks._child import case_inputs
+from benchmarks._results import Case, Workload
+from benchmarks.suite import OpSuite, available
 
-MODULE = "benchmarks.bench_logsumexp"
-OP = "logsumexp"
 SCALE = 1.0 / 0.07
-SUITE_ORDER = 30
-SUITE_WEIGHT = 1.0
-
-
-default_cases = harness.secondary_cases
 
 
 def impls_for(device: str, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
-    names = ["naive", "compile(naive)"] + implementations.mmkernels_backends(device)
-    chosen = [n for n in names if wanted is None or n in wanted]
-    notes = {n: "not available here" for n in (wanted or []) if n not in names}
-    return chosen, notes
+    return available(["naive", "compile(naive)"] + implementations.mmkernels_backends(device), wanted)
 
 
 # --- child ---------------------------------------------------------------------------
@@ -41,7 +33,7 @@ def impls_for(device: str, wanted: list[str] | None) -> tuple[list[str], dict[st
 def prepare(impl: str, case: Case, device: str) -> Workload:
     import mmkernels
 
-    a, b, gen = harness.case_inputs(case, device)
+    a, b, gen = case_inputs(case, device)
     a.requires_grad_()
     b.requires_grad_()
     scale = torch.tensor(SCALE, device=device, requires_grad=True)
@@ -70,25 +62,11 @@ def prepare(impl: str, case: Case, device: str) -> Workload:
                     grads_bytes=feature_bytes, error=error)
 
 
-# --- parent --------------------------------------------------------------------------
+# --- the suite ----------------------------------------------------------------------
 
-def run(cases: list[Case], options: SuiteOptions) -> list[dict]:
-    impls, notes = impls_for(options.device, options.impls)
-    return harness.run_op_suite(
-        module=MODULE, op=OP, cases=cases, impls=impls, notes=notes, options=options,
-        title="similarity_logsumexp forward + backward (normalize=True)",
-        kind=implementations.kind, version=implementations.version,
-        floor=not options.quick)  # CI: bench_contrastive covers the floor
-
-
-def run_suite(options: SuiteOptions) -> list[dict]:
-    options = harness.without_compile_when_quick(options, impls_for(options.device, None)[0])
-    return run(default_cases(options.device, options.quick), options)
-
-
-def main(argv: list[str] | None = None) -> None:
-    harness.script_main(__doc__, prepare, default_cases, run, argv)
-
+SUITE = OpSuite("benchmarks.bench_logsumexp", __doc__, order=30, weight=1.0, op="logsumexp",
+                title="similarity_logsumexp forward + backward (normalize=True)", prepare=prepare,
+                impls=impls_for, quick_floor=False, quick_compile=False)
 
 if __name__ == "__main__":
-    main()
+    SUITE.main()

@@ -30,17 +30,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 
-import torch
-
-from benchmarks import bench_contrastive, common, harness, implementations
-from benchmarks.harness import Case, SuiteOptions
+from benchmarks import bench_contrastive, common, implementations
+from benchmarks._child import measure_case
+from benchmarks._results import Case, Spec, SuiteOptions
+from benchmarks._subprocess import emit, exit_with_parent, run_child_spec, stream_child
+from benchmarks._tables import Table
+from benchmarks._timing import elapsed, share_deadline, timeout_for
+from benchmarks.suite import Suite
 
 MODULE = "benchmarks.bench_max_batch"
-SUITE_ORDER = 20
-SUITE_WEIGHT = 3.0
 TOLERANCE = 0.05
 
 
@@ -88,7 +88,7 @@ def default_impls(device: str, quick: bool) -> tuple[list[str], dict[str, str]]:
 # --- the search ------------------------------------------------------------------------
 
 def search(trial, settings: Settings, deadline: float | None, on_trial=lambda r: None) -> dict:
-    """Largest fitting N by doubling then bisection; ``trial(n) -> result`` (harness format)."""
+    """Largest fitting N by doubling then bisection; ``trial(n) -> result`` (as measure_case returns)."""
     budget_mib = settings.budget_gib * 1024
     started = time.time()
     fit: dict | None = None      # the largest N that fit so far, with its result
@@ -152,25 +152,25 @@ def search(trial, settings: Settings, deadline: float | None, on_trial=lambda r:
     }
 
 
-def _spec(impl: str, n: int, settings: Settings, device: str) -> harness.Spec:
+def _spec(impl: str, n: int, settings: Settings, device: str) -> Spec:
     case = Case(n, n, settings.d, settings.dtype)
     warmup_n = None if settings.in_process else settings.warmup_n
-    return harness.Spec(impl, [case], device, reps=1, max_seconds=0.0, deadline=None, timing=False,
+    return Spec(impl, [case], device, reps=1, max_seconds=0.0, deadline=None, timing=False,
                         warmup_n=warmup_n, budget_mib=settings.budget_gib * 1024, check=False)
 
 
 def _search_child(spec_json: str) -> None:
     """The whole search of one implementation in this process (Settings.in_process)."""
-    harness.exit_with_parent()
+    exit_with_parent()
     raw = json.loads(spec_json)
     settings, impl, device, deadline = Settings(**raw["settings"]), raw["impl"], raw["device"], raw["deadline"]
 
     def trial(n):
         spec = _spec(impl, n, settings, device)
-        return harness.measure_case(bench_contrastive.prepare, spec, spec.cases[0])
+        return measure_case(bench_contrastive.prepare, spec, spec.cases[0])
 
-    summary = search(trial, settings, deadline, on_trial=lambda r: harness.emit({**r, "kind": "trial"}))
-    harness.emit({"impl": impl, "kind": "summary", **summary})
+    summary = search(trial, settings, deadline, on_trial=lambda r: emit({**r, "kind": "trial"}))
+    emit({"impl": impl, "kind": "summary", **summary})
 
 
 # --- parent ------------------------------------------------------------------------------
@@ -184,9 +184,9 @@ def run(options: SuiteOptions, settings: Settings, impls: list[str], notes: dict
           f"{settings.dtype}, on {env['device']} (trials up to {settings.trial_seconds:.0f} s) ==", flush=True)
     for name, why in notes.items():
         print(f"   (left out: {name}: {why})")
-    table = harness.Table([("impl", 16, ""), ("max N", 9, ""), ("limited by", 12, ""),
-                           ("failed at", 11, ""), ("peak MiB", 10, ".0f"), ("% budget", 9, ".0f"),
-                           ("step s", 9, ".2f"), ("trials", 7, "d"), ("  note", 0, "")])
+    table = Table([("impl", 16, ""), ("max N", 9, ""), ("limited by", 12, ""),
+                    ("failed at", 11, ""), ("peak MiB", 10, ".0f"), ("% budget", 9, ".0f"),
+                    ("step s", 9, ".2f"), ("trials", 7, "d"), ("  note", 0, "")])
     summaries, trial_rows = [], []
     base = {**env, "suite": "max_batch", "op": "contrastive", "d": settings.d, "dtype": settings.dtype,
             "memory_budget_mib": budget_mib}
@@ -205,16 +205,15 @@ def run(options: SuiteOptions, settings: Settings, impls: list[str], notes: dict
 
     print(table.header(), flush=True)
     for i, impl in enumerate(impls):
-        deadline = harness.share_deadline(options.deadline, len(impls) - i)
-        print(f"   [{harness.elapsed(started)}] {impl} ({i + 1}/{len(impls)}) ...", flush=True)
+        deadline = share_deadline(options.deadline, len(impls) - i)
+        print(f"   [{elapsed(started)}] {impl} ({i + 1}/{len(impls)}) ...", flush=True)
         if settings.in_process:
             summary = search_in_child(impl, settings, device, deadline, lambda r: on_trial(impl, r))
         else:
             def trial(n, impl=impl):
                 spec = _spec(impl, n, settings, device)
                 timeout = settings.trial_seconds * 5 + 60
-                return harness.run_child_spec("benchmarks.bench_contrastive", spec, lambda r: None,
-                                              timeout=timeout)[0]
+                return run_child_spec(bench_contrastive.SUITE.module, spec, lambda r: None, timeout=timeout)[0]
 
             summary = search(trial, settings, deadline, on_trial=lambda r, impl=impl: on_trial(impl, r))
         row = {**base, "impl": impl, "impl_kind": implementations.kind(impl),
@@ -227,7 +226,7 @@ def run(options: SuiteOptions, settings: Settings, impls: list[str], notes: dict
                  "% budget": row["budget_used_pct"], "step s": row["step_s_at_max"], "trials": row["trials"],
                  "  note": "  " + (row["fail_reason"] or "") if row["limited_by"] == "error" else ""}
         print(table.row(shown), flush=True)
-    print(f"   [{harness.elapsed(started)}] done. max N: largest N measured to fit; '>=' when the search "
+    print(f"   [{elapsed(started)}] done. max N: largest N measured to fit; '>=' when the search "
           f"stopped on time (trials over {settings.trial_seconds:.0f} s), not memory", flush=True)
     if options.save and summaries:
         print(f"   rows appended to {common.results_dir() / 'max_batch'}.csv (trials: max_batch_trials.csv)",
@@ -254,8 +253,7 @@ def search_in_child(impl: str, settings: Settings, device: str, deadline: float 
         elif result.get("kind") == "summary":
             summary.update({k: v for k, v in result.items() if k not in ("impl", "kind")})
 
-    timeout = None if deadline is None else deadline - time.time() + 90
-    _, why = harness.stream_child(["-m", MODULE, "--search", payload], on_result, timeout)
+    _, why = stream_child(["-m", MODULE, "--search", payload], on_result, timeout_for(deadline, 90))
     if not summary:
         summary = {"max_n": None, "limited_by": "error", "first_failing_n": None,
                    "fail_reason": why or "the search reported nothing",
@@ -263,41 +261,39 @@ def search_in_child(impl: str, settings: Settings, device: str, deadline: float 
     return summary
 
 
-def run_suite(options: SuiteOptions) -> list[dict]:
-    settings = default_settings(options.device, options.quick, options.memory_budget_gib)
-    impls, notes = default_impls(options.device, options.quick)
-    if options.impls:
-        impls = [name for name in impls if name in options.impls]
-    return run(options, settings, impls, notes)
+class MaxBatchSuite(Suite):
+    def children(self):
+        return {"--search": _search_child}
+
+    def run_suite(self, options: SuiteOptions) -> list[dict]:
+        settings = default_settings(options.device, options.quick, options.memory_budget_gib)
+        impls, notes = default_impls(options.device, options.quick)
+        if options.impls:
+            impls = [name for name in impls if name in options.impls]
+        return run(options, settings, impls, notes)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--memory-budget", type=float, help="GiB (default: CPU 4, GPU 8)")
+        parser.add_argument("--d", type=int)
+        parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+        parser.add_argument("--trial-seconds", type=float, help="longest trial the search may start")
+        parser.add_argument("--start-n", type=int)
+        parser.add_argument("--in-process", action="store_true",
+                            help="one process per implementation runs the whole search (the GPU default)")
+
+    def run_args(self, args: argparse.Namespace, options: SuiteOptions) -> list[dict]:
+        settings = default_settings(args.device, args.quick, args.memory_budget)
+        for field, value in (("d", args.d), ("dtype", args.dtype), ("trial_seconds", args.trial_seconds),
+                             ("start_n", args.start_n), ("in_process", args.in_process or None)):
+            if value is not None:
+                setattr(settings, field, value)
+        impls, notes = default_impls(args.device, args.quick)
+        if args.impl:
+            impls, notes = implementations.contrastive_impls(args.device, args.impl)
+        return run(dataclasses.replace(options, impls=None), settings, impls, notes)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--search":
-        return _search_child(argv[1])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--memory-budget", type=float, help="GiB (default: CPU 4, GPU 8)")
-    parser.add_argument("--d", type=int)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--impl", nargs="+")
-    parser.add_argument("--trial-seconds", type=float, help="longest trial the search may start")
-    parser.add_argument("--start-n", type=int)
-    parser.add_argument("--in-process", action="store_true",
-                        help="one process per implementation runs the whole search (the GPU default)")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-save", action="store_true")
-    args = parser.parse_args(argv)
-    settings = default_settings(args.device, args.quick, args.memory_budget)
-    for field, value in (("d", args.d), ("dtype", args.dtype), ("trial_seconds", args.trial_seconds),
-                         ("start_n", args.start_n), ("in_process", args.in_process or None)):
-        if value is not None:
-            setattr(settings, field, value)
-    impls, notes = default_impls(args.device, args.quick)
-    if args.impl:
-        impls, notes = implementations.contrastive_impls(args.device, args.impl)
-    run(SuiteOptions(device=args.device, quick=args.quick, save=not args.no_save), settings, impls, notes)
-
+SUITE = MaxBatchSuite(MODULE, __doc__, order=20, weight=3.0)
 
 if __name__ == "__main__":
-    main()
+    SUITE.main()

@@ -8,7 +8,7 @@ SigLIP's initial logit scale 10 and bias -10 (Zhai et al., 2023); gradients
 of both feature matrices, the scale and the bias. Implementations: naive (the
 N x N logits materialized), every mmkernels backend available on the device,
 and open_clip's ``SigLipLoss`` when open_clip is installed. Time and memory
-are measured as in bench_contrastive (benchmarks/harness.py); the tiled
+are measured as in bench_contrastive (benchmarks/_child.py); the tiled
 backends' memory is flat in N beyond the features: the "extra MiB" column.
 ``rel_err``: the loss value against mmkernels' torch backend in fp32.
 """
@@ -18,17 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks import harness, implementations
-from benchmarks.harness import Case, SuiteOptions, Workload
+from benchmarks import implementations
+from benchmarks._child import case_inputs
+from benchmarks._results import Case, Workload
+from benchmarks.suite import OpSuite, available
 
-MODULE = "benchmarks.bench_siglip"
-OP = "siglip"
 SCALE, BIAS = 10.0, -10.0
-SUITE_ORDER = 50
-SUITE_WEIGHT = 1.0
-
-
-default_cases = harness.secondary_cases
 
 
 def impls_for(device: str, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
@@ -39,9 +34,8 @@ def impls_for(device: str, wanted: list[str] | None) -> tuple[list[str], dict[st
         notes["open_clip"] = reason
     else:
         names.append("open_clip")
-    chosen = [n for n in names if wanted is None or n in wanted]
-    notes.update({n: "not available here" for n in (wanted or []) if n not in names})
-    return chosen, notes
+    chosen, missing = available(names, wanted)
+    return chosen, {**notes, **missing}
 
 
 # --- child ---------------------------------------------------------------------------
@@ -59,7 +53,7 @@ def _loss_fn(impl: str):
 def prepare(impl: str, case: Case, device: str) -> Workload:
     import mmkernels
 
-    a, b, _ = harness.case_inputs(case, device)
+    a, b, _ = case_inputs(case, device)
     # Normalized once, outside the timed step, as open_clip's model returns them.
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     a.requires_grad_()
@@ -82,24 +76,11 @@ def prepare(impl: str, case: Case, device: str) -> Workload:
                     error=error)
 
 
-# --- parent --------------------------------------------------------------------------
+# --- the suite ----------------------------------------------------------------------
 
-def run(cases: list[Case], options: SuiteOptions) -> list[dict]:
-    impls, notes = impls_for(options.device, options.impls)
-    return harness.run_op_suite(
-        module=MODULE, op=OP, cases=cases, impls=impls, notes=notes, options=options,
-        title=f"siglip_loss forward + backward (scale {SCALE}, bias {BIAS})",
-        kind=implementations.kind, version=implementations.version,
-        floor=not options.quick)  # CI: bench_contrastive covers the floor
-
-
-def run_suite(options: SuiteOptions) -> list[dict]:
-    return run(default_cases(options.device, options.quick), options)
-
-
-def main(argv: list[str] | None = None) -> None:
-    harness.script_main(__doc__, prepare, default_cases, run, argv)
-
+SUITE = OpSuite("benchmarks.bench_siglip", __doc__, order=50, weight=1.0, op="siglip",
+                title=f"siglip_loss forward + backward (scale {SCALE}, bias {BIAS})", prepare=prepare,
+                impls=impls_for, quick_floor=False)
 
 if __name__ == "__main__":
-    main()
+    SUITE.main()

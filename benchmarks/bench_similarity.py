@@ -20,25 +20,17 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks import harness, implementations
-from benchmarks.harness import Case, SuiteOptions, Workload
+from benchmarks import implementations
+from benchmarks._child import case_inputs
+from benchmarks._results import Case, Workload
+from benchmarks.suite import OpSuite, available
 
-MODULE = "benchmarks.bench_similarity"
-OP = "similarity"
 SCALE = 1.0 / 0.07
-SUITE_ORDER = 40
-SUITE_WEIGHT = 0.5
 BASELINE = "unfused"
 
 
-default_cases = harness.secondary_cases
-
-
 def impls_for(device: str, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
-    names = [BASELINE, f"compile({BASELINE})"] + implementations.mmkernels_backends(device)
-    chosen = [n for n in names if wanted is None or n in wanted]
-    notes = {n: "not available here" for n in (wanted or []) if n not in names}
-    return chosen, notes
+    return available([BASELINE, f"compile({BASELINE})"] + implementations.mmkernels_backends(device), wanted)
 
 
 def kind(name: str) -> str:
@@ -55,7 +47,7 @@ def prepare(impl: str, case: Case, device: str) -> Workload:
     import mmkernels
 
     dtype = getattr(torch, case.dtype)
-    a, b, gen = harness.case_inputs(case, device)
+    a, b, gen = case_inputs(case, device)
     a.requires_grad_()
     b.requires_grad_()
     scale = torch.tensor(SCALE, device=device, dtype=dtype, requires_grad=True)
@@ -82,25 +74,12 @@ def prepare(impl: str, case: Case, device: str) -> Workload:
                     grads_bytes=feature_bytes, error=error)
 
 
-# --- parent --------------------------------------------------------------------------
+# --- the suite ----------------------------------------------------------------------
 
-def run(cases: list[Case], options: SuiteOptions) -> list[dict]:
-    impls, notes = impls_for(options.device, options.impls)
-    return harness.run_op_suite(
-        module=MODULE, op=OP, cases=cases, impls=impls, notes=notes, options=options,
-        title="normalized_similarity forward + backward (fused vs F.normalize + matmul)",
-        baseline=BASELINE, kind=kind, version=implementations.version,
-        floor=not options.quick)  # CI: bench_contrastive covers the floor
-
-
-def run_suite(options: SuiteOptions) -> list[dict]:
-    options = harness.without_compile_when_quick(options, impls_for(options.device, None)[0])
-    return run(default_cases(options.device, options.quick), options)
-
-
-def main(argv: list[str] | None = None) -> None:
-    harness.script_main(__doc__, prepare, default_cases, run, argv)
-
+SUITE = OpSuite("benchmarks.bench_similarity", __doc__, order=40, weight=0.5, op="similarity",
+                title="normalized_similarity forward + backward (fused vs F.normalize + matmul)",
+                prepare=prepare, impls=impls_for, baseline=BASELINE, kind=kind,
+                quick_floor=False, quick_compile=False)
 
 if __name__ == "__main__":
-    main()
+    SUITE.main()

@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 from statistics import median
@@ -201,14 +200,3 @@ def append_rows(name: str, rows: list[dict], folder: Path | None = None) -> tupl
         writer.writerows(rows)
     return jsonl, csv_path
 
-
-def run_child(module: str, args: list[str], timeout: float = 1800) -> dict:
-    """Run ``python -m module args`` in a fresh process (so its peak RSS is its own);
-    returns the JSON object it prints last."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=timeout)
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -6,16 +6,17 @@ import sys
 
 import torch
 
-from benchmarks import harness
+from benchmarks._child import child_main
+from benchmarks._results import Workload
 
 
 def prepare(impl, case, device):
     if impl == "crash":
         os._exit(1)
     a = torch.randn(case.n, case.d, requires_grad=True)
-    return harness.Workload(forward=lambda: (a @ a.T).sum(), backward=lambda out: out.backward(),
-                            zero_grad=lambda: setattr(a, "grad", None), inputs_bytes=0, grads_bytes=0)
+    return Workload(forward=lambda: (a @ a.T).sum(), backward=lambda out: out.backward(),
+                    zero_grad=lambda: setattr(a, "grad", None), inputs_bytes=0, grads_bytes=0)
 
 
 if __name__ == "__main__":
-    harness.child_main(prepare, sys.argv[2])
+    child_main(prepare, sys.argv[2])

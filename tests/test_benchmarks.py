@@ -172,13 +172,14 @@ def test_gpu_script_stops_a_stage_at_its_timeout(tmp_path):
 def test_a_crashed_child_loses_only_its_own_cases(monkeypatch):
     """One child runs several implementations (the GPU way); when it dies, the ones it had
     not started run in a fresh child, and the dead one's cases are reported as errors."""
-    from benchmarks import harness
+    from benchmarks._results import Case, Spec
+    from benchmarks._subprocess import run_child_spec
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    cases = [harness.Case(8, 8, 4, "float32"), harness.Case(16, 16, 4, "float32")]
-    spec = harness.Spec("ok1", cases, "cpu", reps=2, max_seconds=0.1, deadline=None, then=["crash", "ok2"])
+    cases = [Case(8, 8, 4, "float32"), Case(16, 16, 4, "float32")]
+    spec = Spec("ok1", cases, "cpu", reps=2, max_seconds=0.1, deadline=None, then=["crash", "ok2"])
     seen = []
-    results = harness.run_child_spec("bench_child_stub", spec, seen.append, timeout=120)
+    results = run_child_spec("bench_child_stub", spec, seen.append, timeout=120)
     status = {(r["impl"], r["n"]): r["status"] for r in results}
     assert status == {("ok1", 8): "ok", ("ok1", 16): "ok", ("crash", 8): "error", ("crash", 16): "error",
                       ("ok2", 8): "ok", ("ok2", 16): "ok"}, status
