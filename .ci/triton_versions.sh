@@ -5,7 +5,9 @@
 #      (tests/triton_aot.py --all-configs; no GPU needed), 0 failures, spills listed;
 #   2. the interpreter lane (tests/test_triton_lane.py, TRITON_INTERPRET=1), unless
 #      MMKERNELS_CI_LANE_DONE names this version: .ci/run sets it to the Triton of the
-#      main venv, whose `make test` has just run the same lane.
+#      main venv, whose `make test` has just run the same lane, and sets
+#      MMKERNELS_CI_MAIN_PYTHON to that venv's python, which then compiles that
+#      version's kernels itself (no second venv for the same Triton).
 # The venvs are kept under $MMKERNELS_CI_CACHE (default ~/.cache/mmkernels-ci), one per
 # Triton version, reused from one run to the next; the compile logs land there too.
 #   .ci/triton_versions.sh [3.6.0 3.9.0]
@@ -23,16 +25,19 @@ status=0
 for v in "${VERSIONS[@]}"; do
     venv="$CACHE/venv-triton-$v"
     t0=$(date +%s)
-    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$v')"; then
+    python="$venv/bin/python"
+    if [ "${MMKERNELS_CI_LANE_DONE:-}" = "$v" ] && [ -n "${MMKERNELS_CI_MAIN_PYTHON:-}" ]; then
+        python="$MMKERNELS_CI_MAIN_PYTHON"
+    elif [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$v')"; then
         rm -rf "$venv"
         python3 -m venv "$venv"
         "$venv/bin/pip" install -q "$TORCH" "triton==$v" numpy pytest pytest-timeout
     fi
     t1=$(date +%s)
-    echo "== triton $v: venv ready in $((t1 - t0)) s"
+    echo "== triton $v: venv ready in $((t1 - t0)) s ($python)"
     # The extension is optional here (built for another torch): pure-Python + Triton.
     if ! env -u TRITON_INTERPRET MMKERNELS_REQUIRE_EXT=0 MMKERNELS_NO_EXT=1 PYTHONPATH="$PWD" \
-            "$venv/bin/python" tests/triton_aot.py --all-configs --jobs "$JOBS" > "$CACHE/aot-$v.txt" 2>&1; then
+            "$python" tests/triton_aot.py --all-configs --jobs "$JOBS" > "$CACHE/aot-$v.txt" 2>&1; then
         status=1
     fi
     t2=$(date +%s)
@@ -42,7 +47,7 @@ for v in "${VERSIONS[@]}"; do
         echo "== triton $v: interpreter lane already run by make test (the main venv's Triton)"
         continue
     fi
-    if ! MMKERNELS_REQUIRE_EXT=0 MMKERNELS_NO_EXT=1 PYTHONPATH="$PWD" "$venv/bin/python" -m pytest -x -q \
+    if ! MMKERNELS_REQUIRE_EXT=0 MMKERNELS_NO_EXT=1 PYTHONPATH="$PWD" "$python" -m pytest -x -q \
             -p no:cacheprovider tests/test_triton_lane.py; then
         status=1
     fi
