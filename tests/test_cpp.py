@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import mmkernels
 import reference
-from harness import compare
+from compare_to_reference import compare
 from mmkernels import _extension
 from tolerances import fp32_logit_rtol
 

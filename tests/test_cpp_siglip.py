@@ -286,7 +286,7 @@ def test_cuda_large_scale_unnormalized():
 @pytest.mark.parametrize("normalize", [False, True])
 def test_cuda_loss_dtypes(cuda_bands, dtype, normalize):  # noqa: F811
     """The public loss on the cuda backend against the fp64 reference (tolerance table)."""
-    from harness import compare
+    from compare_to_reference import compare
     import siglip_reference as reference
 
     cuda_bands(64)

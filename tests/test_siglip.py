@@ -12,7 +12,7 @@ import torch
 
 import mmkernels
 import siglip_reference as reference
-from harness import compare
+from compare_to_reference import compare
 from mmkernels.ops import siglip
 from tolerances import fp32_logit_rtol
 
@@ -21,7 +21,7 @@ SHAPES = [(1, 1), (1, 7), (2, 1), (7, 3), (8, 16), (9, 17), (17, 33), (40, 70)]
 HALF = [torch.float16, torch.bfloat16]
 
 
-# harness.compare checks one scalar leaf besides the features: a (2,) tensor holds
+# compare_to_reference.compare checks one scalar leaf besides the features: a (2,) tensor holds
 # (logit_scale, logit_bias), so both gradients are compared, in fp32 as in training.
 def _ours(backend, **kw):
     return lambda a, b, sb: mmkernels.siglip_loss(a, b, sb[0], sb[1], backend=backend, **kw)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import mmkernels
 import reference
-from harness import compare
+from compare_to_reference import compare
 from tolerances import fp32_logit_rtol
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
