@@ -211,7 +211,7 @@ def test_compile_fullgraph(backend):
 def test_compile_fullgraph_inductor_auto_backend():
     if mmkernels.backends.select_backend("auto", torch.device("cpu")) == "triton":
         pytest.skip("auto is triton in the interpreter lane, which torch.compile cannot trace "
-                    "(tests/test_triton.py compiles it on GPU)")
+                    "(tests/test_triton_siglip.py compiles it on GPU)")
     torch._dynamo.reset()
     fn = torch.compile(lambda a, b, s, bias: mmkernels.siglip_loss(a, b, s, bias), fullgraph=True)
     a, b = torch.randn(10, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
