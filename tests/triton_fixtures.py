@@ -31,11 +31,6 @@ interpreter = pytest.mark.skipif(
     not INTERPRETING, reason="kernels on CPU tensors run in the interpreter lane (tests/test_triton_lane.py)")
 compiler = pytest.mark.skipif(INTERPRETING, reason="the interpreter replaces the compiler")
 
-if HAS_TRITON:
-    import triton
-
-    from mmkernels.triton import _launch
-
 
 @pytest.fixture
 def autotuning_trials(monkeypatch):
@@ -43,6 +38,10 @@ def autotuning_trials(monkeypatch):
     trials run. The first candidates have fewer row groups / larger tiles than the
     last ones tried. (The interpreter cannot time kernels: a stand-in benchmark
     runs each trial twice and ranks earlier candidates faster.)"""
+    import triton
+
+    from mmkernels.triton import _launch
+
     tile = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}),
             triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
     mm = [triton.Config({"BLOCK_R": 32, "BLOCK_D": 32, "BLOCK_K": 16}),
