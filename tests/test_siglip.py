@@ -1,5 +1,6 @@
 """siglip_loss and SigLipLoss against the fp64 reference and open_clip, on every backend
-under test; the kernel contract of every backend against its materialized reference."""
+under test; the kernel contract of every backend against its materialized reference.
+opcheck and torch.compile of the siglip ops: tests/test_compile.py."""
 
 import json
 import os
