@@ -1,4 +1,4 @@
-"""Independent references, written from the definitions in API.md with plain
+"""Independent references, written from the definitions in docs/api.md with plain
 PyTorch on the materialized matrix (no mmkernels code)."""
 
 import torch

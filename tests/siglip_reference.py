@@ -1,5 +1,5 @@
 """Independent reference for SigLIP's sigmoid loss, written from its definition in
-API.md with plain PyTorch on the materialized matrix (no mmkernels code)."""
+docs/api.md with plain PyTorch on the materialized matrix (no mmkernels code)."""
 
 import torch
 import torch.nn.functional as F

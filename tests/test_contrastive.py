@@ -5,7 +5,7 @@ import torch
 
 import mmkernels
 import reference
-from harness import compare
+from compare_to_reference import compare
 from tolerances import fp32_logit_rtol
 
 # (N, D): N = 1, D = 1, and sizes that straddle the 8 x 16 test tiles.

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import mmkernels
-from harness import _grads
+from compare_to_reference import _grads
 from tolerances import assert_matches
 
 

@@ -1,5 +1,6 @@
 """siglip_loss and SigLipLoss against the fp64 reference and open_clip, on every backend
-under test; the kernel contract of every backend against its materialized reference."""
+under test; the kernel contract of every backend against its materialized reference.
+opcheck and torch.compile of the siglip ops: tests/test_compile.py."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import torch
 
 import mmkernels
 import siglip_reference as reference
-from harness import compare
+from compare_to_reference import compare
 from mmkernels.ops import siglip
 from tolerances import fp32_logit_rtol
 
@@ -21,7 +22,7 @@ SHAPES = [(1, 1), (1, 7), (2, 1), (7, 3), (8, 16), (9, 17), (17, 33), (40, 70)]
 HALF = [torch.float16, torch.bfloat16]
 
 
-# harness.compare checks one scalar leaf besides the features: a (2,) tensor holds
+# compare_to_reference.compare checks one scalar leaf besides the features: a (2,) tensor holds
 # (logit_scale, logit_bias), so both gradients are compared, in fp32 as in training.
 def _ours(backend, **kw):
     return lambda a, b, sb: mmkernels.siglip_loss(a, b, sb[0], sb[1], backend=backend, **kw)
@@ -171,56 +172,6 @@ def test_kernel_contract(backend, small_tiles, n, m, d, positives, normalize):
         assert g.dtype == torch.float32 and g.shape == shape, f"{name}: {g.dtype} {tuple(g.shape)}"
         torch.testing.assert_close(g.double(), w, rtol=2e-5, atol=2e-5 * w.abs().max().item() + 1e-7,
                                    msg=f"{backend} {name}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("positives", [True, False])
-def test_opcheck(backend, dtype, positives):
-    if backend == "triton":
-        pytest.skip("triton_op registration is checked on GPU (tests marked cuda)")
-    fwd, bwd = _registered(backend)
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    a = torch.randn(9, 5, dtype=dtype, requires_grad=True)
-    b = torch.randn(7, 5, dtype=dtype, requires_grad=True)
-    scale = torch.tensor(2.0, dtype=compute, requires_grad=True)
-    bias = torch.tensor(-1.0, dtype=compute, requires_grad=True)
-    torch.library.opcheck(fwd, (a, b, scale, bias, True, positives))
-    torch.library.opcheck(bwd, (a.detach(), b.detach(), scale.detach(), bias.detach(), False,
-                                positives, torch.randn(9, dtype=compute)))
-
-
-def test_compile_fullgraph(backend):
-    if backend == "triton":
-        pytest.skip("compile of triton ops is checked on GPU (DESIGN.md section 5)")
-    torch._dynamo.reset()
-
-    def loss_fn(a, b, s, bias):
-        return mmkernels.siglip_loss(a, b, s, bias, normalize=True, backend=backend)
-
-    inputs = (torch.randn(13, 6), torch.randn(13, 6), torch.tensor(5.0), torch.tensor(-2.0))
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach()] + [x.grad for x in leaves])
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want)
-
-
-def test_compile_fullgraph_inductor_auto_backend():
-    if mmkernels.backends.select_backend("auto", torch.device("cpu")) == "triton":
-        pytest.skip("auto is triton in the interpreter lane, which torch.compile cannot trace "
-                    "(tests/test_triton.py compiles it on GPU)")
-    torch._dynamo.reset()
-    fn = torch.compile(lambda a, b, s, bias: mmkernels.siglip_loss(a, b, s, bias), fullgraph=True)
-    a, b = torch.randn(10, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
-    s, bias = torch.tensor(3.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
-    fn(a, b, s, bias).backward()
-    a64, b64, s64, bias64 = (t.detach().double().requires_grad_() for t in (a, b, s, bias))
-    reference.siglip(a64, b64, s64, bias64).backward()
-    for got, want in [(a.grad, a64.grad), (b.grad, b64.grad), (s.grad, s64.grad), (bias.grad, bias64.grad)]:
-        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-6)
 
 
 # --- backend selection --------------------------------------------------------------

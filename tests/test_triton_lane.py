@@ -13,10 +13,11 @@ pytest subprocess with
 - ``MMKERNELS_BACKEND=triton``: "auto" picks triton, so normalized_similarity
   (which has no backend argument) runs its Triton kernels;
 
-and tests/test_triton.py, whose interpreter tests force the kernels'
-internal paths. Compile tests are not part of the lane: torch.compile cannot
-trace kernels the interpreter runs eagerly (tests/test_compile.py; the
-triton backend's compile test is marked cuda in tests/test_triton.py).
+and the Triton test files (tests/test_triton_backend.py, test_triton_logsumexp.py,
+test_triton_normalized_similarity.py, test_triton_siglip.py), whose interpreter
+tests force the kernels' internal paths. Compile tests are not part of the lane:
+torch.compile cannot trace kernels the interpreter runs eagerly (tests/test_compile.py,
+whose triton tests are marked cuda).
 
 Run it alone: ``pytest -q tests/test_triton_lane.py`` (about 3 minutes on
 two cores), or the lane's tests directly with the environment above.
@@ -33,7 +34,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 LANE = ["test_logsumexp.py", "test_contrastive.py", "test_normalized_similarity.py",
-        "test_clip_loss.py", "test_siglip.py", "test_triton.py", "test_autocast.py"]
+        "test_clip_loss.py", "test_siglip.py", "test_autocast.py",
+        "test_triton_backend.py", "test_triton_logsumexp.py", "test_triton_normalized_similarity.py",
+        "test_triton_siglip.py"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

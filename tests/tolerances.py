@@ -1,4 +1,4 @@
-"""The one table of tolerances (DESIGN.md section 5), and the comparisons that use it.
+"""The one table of tolerances, and the comparisons that use it.
 
 fp32 and fp64 results are compared with the fp64 reference directly. For
 fp16/bf16 inputs the bar is relative to PyTorch itself: the error of our

@@ -11,8 +11,8 @@ argument specialization a real launch would get. Prints, per kernel and
 config, registers per thread, spilled bytes and shared memory (from
 cuobjdump, when Triton bundles it): what one can know about a kernel's
 speed without running it. Needs no GPU and no CUDA driver, but does use
-Triton internals (checked with triton 3.8): tests/test_triton.py runs it
-where the internals match.
+Triton internals (checked with triton 3.8): tests/test_triton_backend.py and
+tests/test_triton_siglip.py run it where the internals match.
 
 Must not run under TRITON_INTERPRET=1 (the interpreter replaces the compiler).
 """

@@ -177,7 +177,7 @@ _INTERPRETER_CONFIGS = {
 _ELEMENT_BYTES = {"half": 2, "tf32": 4, "ieee": 4, "fp64": 8}
 
 # The smallest K of a tl.dot that every supported Triton compiles (3.6 asserts
-# "K >= 16" for every dtype); tests/test_triton.py checks every candidate.
+# "K >= 16" for every dtype); tests/test_triton_backend.py checks every candidate.
 MIN_DOT_K = 16
 
 

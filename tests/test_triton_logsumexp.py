@@ -1,0 +1,313 @@
+"""The Triton kernels of the logsumexp primitive (mmkernels/triton/logsumexp.py), and
+the losses built on it (contrastive_loss, info_nce) on the triton backend: what the
+generic reference tests (tests/test_logsumexp.py, tests/test_contrastive.py, run on
+the triton backend in the interpreter lane) do not reach.
+
+- interpreter lane (tests/triton_fixtures.py): each internal path the small generic
+  shapes may miss: the forward's row groups x column splits, the backward's P
+  blocks, both forms of the exponentials, fp16's P scaling, D up to 4096, strides,
+  bitwise determinism, autotuning trials, opcheck's eager checks;
+- GPU (marked ``cuda``): values and gradients at real sizes, int64 offsets with
+  N*D > 2^31, autotuning safety, peak memory.
+"""
+
+import pytest
+import torch
+
+import mmkernels
+import reference
+from compare_to_reference import compare
+from tolerances import fp32_logit_rtol
+from triton_fixtures import (HAS_TRITON, autotuning_trials, cuda_inputs, interpreter,  # noqa: F401  (fixture)
+                             requires_triton)
+
+pytestmark = requires_triton
+
+if HAS_TRITON:
+    import triton
+
+    import mmkernels.triton  # noqa: F401  (registers the kernels)
+    from mmkernels.triton import _launch, logsumexp as lse_kernels
+
+
+def _lse(**kw):
+    return lambda a, b, s: mmkernels.similarity_logsumexp(a, b, s, backend="triton", **kw)
+
+
+def _lse_ref(**kw):
+    return lambda a, b, s: reference.logsumexp(a, b, s, **kw)
+
+
+# --- interpreter lane: the kernels' internal paths -------------------------------
+
+@interpreter
+@pytest.mark.parametrize("sms", [1, 3, 8])
+def test_forward_row_groups_and_column_splits(monkeypatch, sms):
+    """The persistent forward grid at several (groups, splits), shapes straddling its 16 x 32 tiles."""
+    monkeypatch.setattr(_launch, "INTERPRETER_SMS", sms)
+    n, m = 53, 71
+    split = _launch.forward_split(triton.cdiv(n, 16), triton.cdiv(m, 32), sms)
+    assert split[0] * split[1] <= max(_launch.PROGRAMS_PER_SM * sms, 1)
+    a, b = torch.randn(n, 19), torch.randn(m, 19)
+    for normalize in (False, True):
+        compare(_lse(normalize=normalize), _lse_ref(normalize=normalize), [a, b], torch.float32,
+                scale=torch.tensor(6.0), what=f"split {split} normalize={normalize}")
+
+
+@interpreter
+@pytest.mark.parametrize("block", [(16, 32), (7, 9), (100, 100)])
+def test_backward_p_blocks(monkeypatch, block):
+    """pb, pa accumulated over P blocks of any size (not multiples of the tiles, or one block)."""
+    monkeypatch.setattr(_launch, "INTERPRETER_P_BLOCK", block)
+    a, b = torch.randn(37, 21), torch.randn(45, 21)
+    compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], torch.float32,
+            scale=torch.tensor(9.0), what=f"P block {block}")
+
+
+def _spread_features():
+    """Unnormalized features whose logits at scale 100 span thousands, with one
+    row that dwarfs every other in the tile: the one-exp forms would lose the
+    other columns' sums (forward) and the other rows' column softmax (backward)."""
+    a = torch.randn(20, 12) * 0.3
+    b = torch.randn(30, 12) * 0.3
+    a[0] = 8 * b[1] / b[1].norm()   # S[0, 1] ~ +800, S[0, j] far below for most j
+    a[5] = -6 * b[3] / b[3].norm()
+    return a, b
+
+
+@interpreter
+@pytest.mark.parametrize("fast_range", ["default", "never"])
+def test_exp_forms_agree_with_reference(monkeypatch, fast_range):
+    """Both forms of the exponentials (one exp per logit, or two) are exact where used."""
+    if fast_range == "never":
+        monkeypatch.setattr(lse_kernels, "FAST_RANGE", -1.0)
+    a, b = torch.randn(29, 16), torch.randn(35, 16)
+    compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], torch.float32,
+            scale=torch.tensor(30.0), what=f"benign, fast range {fast_range}")
+    a, b = _spread_features()
+    largest = (100 * a @ b.T).abs().max().item()
+    compare(_lse(), _lse_ref(), [a, b], torch.float32, scale=torch.tensor(100.0),
+            what=f"spread, fast range {fast_range}", rtol=fp32_logit_rtol(largest))
+
+
+@interpreter
+def test_one_exp_form_alone_would_fail_where_the_guard_refuses_it(monkeypatch):
+    """The per-tile guard matters: forcing the one-exp forms on the spread features
+    gives wrong column statistics and gradients; the guarded kernels get them right."""
+    a, b = _spread_features()
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    row_ref, col_ref = reference.logsumexp(a64, b64, 100.0)
+    grads_ref = torch.autograd.grad(row_ref.sum() + col_ref.sum(), (a64, b64))
+
+    def run():
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        row, col = mmkernels.similarity_logsumexp(x, y, 100.0, backend="triton")
+        grads = torch.autograd.grad(row.sum() + col.sum(), (x, y))
+        return col, grads
+
+    col, grads = run()
+    torch.testing.assert_close(col.double(), col_ref, rtol=1e-5, atol=1e-3)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-3 * r.abs().max().item())
+    monkeypatch.setattr(lse_kernels, "FAST_RANGE", float("inf"))
+    col_forced, grads_forced = run()
+    col_wrong = not torch.allclose(col_forced.double(), col_ref, rtol=1e-5, atol=1e-3)
+    grad_wrong = not torch.allclose(grads_forced[1].double(), grads_ref[1], rtol=1e-4,
+                                    atol=1e-3 * grads_ref[1].abs().max().item())
+    assert col_wrong and grad_wrong
+
+
+@interpreter
+def test_fp16_p_is_scaled_into_range(monkeypatch):
+    """fp16 P is stored times a power of two (|sigma * P| <= 1): with a small upstream
+    gradient, P's entries (~1e-5 times a softmax) would sit among fp16's subnormals
+    and flush to zero; scaled, they keep fp16's full precision."""
+    a = torch.randn(24, 16, dtype=torch.float16)
+    b = torch.randn(40, 16, dtype=torch.float16)
+    a64, b64 = (x.double().requires_grad_() for x in (a, b))
+    row64, col64 = reference.logsumexp(a64, b64, 20.0, normalize=True)
+    want = torch.autograd.grad((row64.sum() + col64.sum()) * 1e-5, (a64, b64))
+
+    def error():
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        row, col = mmkernels.similarity_logsumexp(x, y, 20.0, normalize=True, backend="triton")
+        got = torch.autograd.grad((row.sum() + col.sum()) * 1e-5, (x, y))
+        return max(((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
+
+    scaled = error()
+    monkeypatch.setattr(lse_kernels, "lse_p_scale", lambda dtype, g_row, g_col: torch.ones_like(g_row[0]))
+    unscaled = error()
+    assert scaled < 2e-3 < unscaled, (scaled, unscaled)
+
+
+@interpreter
+def test_deterministic_bitwise():
+    """No atomics: two runs agree bit for bit, with torch's deterministic mode on."""
+    a, b = torch.randn(45, 33), torch.randn(45, 33)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for _ in range(2):
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            s = torch.tensor(7.0, requires_grad=True)
+            loss = mmkernels.contrastive_loss(x, y, s, normalize=True, backend="triton")
+            loss.backward()
+            results.append([loss.detach(), x.grad, y.grad, s.grad])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+@interpreter
+def test_autotuning_trials_leave_no_trace(autotuning_trials):  # noqa: F811
+    """Autotuning runs every candidate before the winner: the forward's partials
+    and the backward's accumulated products must come out as if only the winner
+    had run."""
+    a, b = torch.randn(53, 20), torch.randn(71, 20)
+    compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], torch.float32,
+            scale=torch.tensor(5.0), what="after autotuning")
+    assert len(autotuning_trials) >= 6  # both candidates of the forward, P and products kernels
+
+
+@interpreter
+@pytest.mark.parametrize("d", [1000, 4096])
+def test_large_feature_dimension(d):
+    """D up to 4096, not only powers of two, at small N (the K-loops run long)."""
+    a, b = torch.randn(5, d), torch.randn(7, d)
+    compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], torch.float32,
+            scale=torch.tensor(10.0), what=f"D={d}")
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_noncontiguous_transposed_storage(dtype):
+    """Features stored transposed (stride along D is N), half precision, normalized."""
+    a = torch.randn(24, 33).T.to(dtype)            # (33, 24), stride (1, 33)
+    b = torch.randn(24, 40)[:, ::2].T.to(dtype)    # (20, 24), strides (2, 40)
+    assert a.stride(1) != 1 and b.stride(1) != 1
+    compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], dtype,
+            scale=torch.tensor(25.0), what=f"{dtype} transposed")
+
+
+@interpreter
+def test_opcheck_schema_autograd_and_fake_kernels():
+    """opcheck's eager checks on the primitive's ops (tracing them needs a GPU:
+    tests/test_compile.py)."""
+    from mmkernels.ops import logsumexp
+
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    fwd, bwd = logsumexp.KERNELS["triton"]
+    a = torch.randn(9, 5, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(7, 5, dtype=torch.bfloat16, requires_grad=True)
+    s = torch.tensor(2.0, requires_grad=True)
+    for normalize in (False, True):
+        torch.library.opcheck(fwd, (a, b, s, normalize), test_utils=checks)
+        row, col = fwd(a, b, s, normalize)
+        torch.library.opcheck(bwd, (a.detach(), b.detach(), s.detach(), normalize, row, col,
+                                    torch.rand_like(row), torch.rand_like(col)), test_utils=checks)
+
+
+# --- GPU ----------------------------------------------------------------------------
+
+def _grads_vs_fp64(fn, ref, a, b, scale):
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+    s = torch.tensor(scale, device="cuda", requires_grad=True)
+    out = fn(x, y, s)
+    out.backward()
+    x64, y64 = a.double().requires_grad_(), b.double().requires_grad_()
+    s64 = torch.tensor(scale, device="cuda", dtype=torch.float64, requires_grad=True)
+    want = ref(x64, y64, s64)
+    want.backward()
+    return [(out.detach(), want.detach()), (x.grad, x64.grad), (y.grad, y64.grad), (s.grad, s64.grad)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,m,d", [(4096, 4096, 768), (3001, 5003, 520), (1, 257, 64)])
+def test_cuda_losses_match_fp64(dtype, n, m, d):
+    """Square: the CLIP loss; rectangular: InfoNCE. Value and every gradient vs fp64."""
+    a, b = cuda_inputs(n, m, d, dtype)
+
+    def ours(x, y, s):
+        if n == m:
+            return mmkernels.contrastive_loss(x, y, s, normalize=True, backend="triton")
+        return mmkernels.info_nce(x, y, None, s, normalize=True, backend="triton")
+
+    def ref(x, y, s):
+        if n == m:
+            return reference.contrastive(x, y, s, normalize=True)
+        return reference.info_nce(x, y, None, s, normalize=True)
+
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
+    for got, want in _grads_vs_fp64(ours, ref, a, b, 14.3):
+        error = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+        assert error < tol, f"{dtype} {n}x{m}x{d}: relative error {error:.3g}"
+
+
+@pytest.mark.cuda
+def test_cuda_unnormalized_scale_100():
+    a, b = cuda_inputs(2048, 2048, 256, torch.float32)
+    a = a * torch.linspace(0.1, 3, 2048, device="cuda").unsqueeze(1)
+    largest = (100 * a @ b.T).abs().max().item()
+    compare_tol = fp32_logit_rtol(largest) * 10
+    for got, want in _grads_vs_fp64(lambda x, y, s: mmkernels.contrastive_loss(x, y, s, backend="triton"),
+                                    lambda x, y, s: reference.contrastive(x, y, s), a, b, 100.0):
+        error = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert error < compare_tol
+
+
+@pytest.mark.cuda
+def test_cuda_int64_offsets():
+    """N * D > 2^31 elements: rows past 2^31 / D must come out right."""
+    free, _ = torch.cuda.mem_get_info()
+    n, d = 2**21 + 3, 1024                      # 4 GiB of bf16; pb and the epilogue's fp32 copies 8 GiB each
+    if free < 48 * 2**30:
+        pytest.skip("needs 48 GiB of free GPU memory")
+    a = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(64, d, device="cuda", dtype=torch.bfloat16)
+    a.requires_grad_()
+    row, col = mmkernels.similarity_logsumexp(a, b, 5.0, normalize=True, backend="triton")
+    (row.sum() + col.sum()).backward()
+    tail = a.detach()[-1000:].double()
+    tail_ref = reference.logsumexp(tail, b.double(), 5.0, normalize=True)[0]
+    torch.testing.assert_close(row[-1000:].double(), tail_ref, rtol=1e-3, atol=1e-3)
+    assert torch.isfinite(a.grad[-1000:]).all() and a.grad[-1000:].abs().sum() > 0
+
+
+@pytest.mark.cuda
+def test_cuda_first_call_autotunes_without_corrupting_outputs():
+    """Autotuning reruns launches; the backward's accumulating products restore their
+    outputs, so the first (tuning) call and a later one agree."""
+    a, b = cuda_inputs(5000, 4500, 384, torch.bfloat16)    # several P blocks in each direction
+    results = []
+    for _ in range(2):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        row, col = mmkernels.similarity_logsumexp(x, y, 10.0, normalize=True, backend="triton")
+        (row.sum() + 2 * col.sum()).backward()
+        results.append([row, col, x.grad, y.grad])
+    for first, second in zip(*results):
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_extra_memory_is_bounded():
+    """Peak memory of fwd+bwd beyond inputs, grads and the contract's fp32 pb/pa:
+    the P block and O(N) statistics, never S."""
+    n, d = 32768, 256
+    a, b = cuda_inputs(n, n, d, torch.bfloat16)
+    a.requires_grad_()
+    b.requires_grad_()
+    mmkernels.contrastive_loss(a[:1024], b[:1024], 10.0, backend="triton").backward()   # warm-up, autotune
+    a.grad = b.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    mmkernels.contrastive_loss(a, b, 10.0, normalize=True, backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = 2 * n * d * 2
+    products = 2 * n * d * 4        # pb, pa in fp32 (kernel contract)
+    allowance = grads + 2 * products + 64 * 2**20 + 512 * n
+    assert extra < allowance, f"extra {extra / 2**20:.0f} MiB (S alone: {n * n * 2 / 2**20:.0f} MiB)"
