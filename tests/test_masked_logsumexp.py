@@ -223,7 +223,9 @@ def test_opcheck_torch_ops():
     torch.library.opcheck(fwd, (a, b, scale, True, *rules.as_args()))
     row_lse, col_lse = fwd(a.detach(), b.detach(), scale.detach(), True, *rules.as_args())
     torch.library.opcheck(bwd, (a.detach(), b.detach(), scale.detach(), True, *rules.as_args(),
-                                row_lse, col_lse, torch.randn(9), torch.randn(11)))
+                                row_lse, col_lse, torch.randn(9), torch.randn(11), True, True))
+    torch.library.opcheck(bwd, (a.detach(), b.detach(), scale.detach(), True, *rules.as_args(),
+                                row_lse, col_lse, torch.randn(9), torch.randn(11), False, True))
 
 
 def test_compile_fullgraph():
@@ -240,6 +242,35 @@ def test_compile_fullgraph():
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     want = loss(a, b)
     torch.testing.assert_close(compiled(a, b), want)
+
+
+# --- a frozen side: no gradient product for it ----------------------------------------
+
+@pytest.mark.parametrize("backend", MASKED_BACKENDS)
+@pytest.mark.parametrize("trainable", ["a", "b", "scale", "a+scale", "b+scale", "a+b+scale"])
+def test_frozen_side_gradients_equal_the_full_backward(backend, small_tiles, trainable):
+    a0, b0 = features(13, 21, 6, seed=11)
+    rules = rule_sets(13, 21, a0, b0, torch.tensor(4.0))["all"]
+    weights = torch.rand(13), torch.rand(21)
+
+    def grads(wanted):
+        a, b = a0.clone().requires_grad_("a" in wanted), b0.clone().requires_grad_("b" in wanted)
+        scale = torch.tensor(4.0, requires_grad="scale" in wanted)
+        row_lse, col_lse = mmkernels.similarity_logsumexp(a, b, scale, normalize=True,
+                                                          backend=backend, **rules)
+        total = (weights[0] * row_lse).sum() + (weights[1] * col_lse).sum()
+        leaves = [x for x, name in ((a, "a"), (b, "b"), (scale, "scale")) if name in wanted]
+        return dict(zip([n for n in ("a", "b", "scale") if n in wanted],
+                        torch.autograd.grad(total, leaves)))
+
+    full = grads("a+b+scale")
+    masked_logsumexp.PRODUCTS_COMPUTED.clear()
+    frozen = grads(trainable)
+    for name, grad in frozen.items():
+        torch.testing.assert_close(grad, full[name], rtol=1e-5, atol=1e-6, msg=name)
+    if backend == "torch":  # 3 products instead of 4 unless both sides train
+        want = {"S": 1, "pb": int("a" in trainable or trainable == "scale"), "pa": int("b" in trainable)}
+        assert dict(masked_logsumexp.PRODUCTS_COMPUTED) == {k: v for k, v in want.items() if v}
 
 
 # --- dispatch ---------------------------------------------------------------------

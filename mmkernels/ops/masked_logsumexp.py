@@ -37,8 +37,11 @@ Kernel contract (what a backend registers in :data:`KERNELS`)
 -------------------------------------------------------------
 ``fwd(a, b, scale, normalize, exclude_diagonal, positives, row_groups, col_groups,
 row_threshold, col_threshold) -> (row_lse, col_lse)`` and ``bwd(same ten,
-row_lse, col_lse, g_row, g_col) -> (pb, pa)``: the primitive's contract plus
-the rules, as :class:`Exclusions` prepared them (``positives`` always an (N,)
+row_lse, col_lse, g_row, g_col, compute_pb, compute_pa) -> (pb, pa)``: the
+primitive's contract plus the rules and, for a frozen side, which products to
+compute (a product not asked for is returned empty, shape (0,), and costs
+nothing: 3 N x M x D products instead of 4 when ``a`` or ``b`` is a constant);
+the rules come as :class:`Exclusions` prepared them (``positives`` always an (N,)
 int64 tensor; the others None or tensors on the features' device, thresholds
 in the compute dtype). Backends with these kernels so far: naive, torch; the
 compiled (cpu, cuda) and triton backends run the unmasked primitive only.
@@ -46,6 +49,7 @@ compiled (cpu, cuda) and triton backends run the unmasked primitive only.
 
 from __future__ import annotations
 
+import collections
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -217,12 +221,13 @@ def fwd_reference(a, b, scale, normalize, *rules):
 
 
 def bwd_reference(a, b, scale, normalize, *args):
-    rules, (row_lse, col_lse, g_row, g_col) = args[:6], args[6:]
+    rules, (row_lse, col_lse, g_row, g_col, compute_pb, compute_pa) = args[:6], args[6:]
     with torch.no_grad():
         ah, bh = scaled_operand(a, normalize), scaled_operand(b, normalize)
         s = scale * (ah @ bh.T)
         p = _probabilities(s, 0, 0, rules, row_lse, col_lse, g_row, g_col)
-        return p @ bh, p.T @ ah
+        return (p @ bh if compute_pb else ah.new_empty(0),
+                p.T @ ah if compute_pa else ah.new_empty(0))
 
 
 def _probabilities(s, i0, j0, rules, row_lse, col_lse, g_row, g_col):
@@ -246,8 +251,10 @@ def _fwd_fake(a, b, scale, normalize, *rules):
 
 
 def _bwd_fake(a, b, scale, normalize, *args):
+    compute_pb, compute_pa = args[-2:]
     dtype = _checks.compute_dtype(a.dtype)
-    return a.new_empty(a.shape, dtype=dtype), b.new_empty(b.shape, dtype=dtype)
+    return (a.new_empty(a.shape if compute_pb else (0,), dtype=dtype),
+            b.new_empty(b.shape if compute_pa else (0,), dtype=dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -261,8 +268,11 @@ def _backward_through(bwd_op):
         a, b, scale, row_lse, col_lse, *tensors = ctx.saved_tensors
         g_row = torch.zeros_like(row_lse) if g_row is None else g_row.contiguous()
         g_col = torch.zeros_like(col_lse) if g_col is None else g_col.contiguous()
+        needs_a, needs_b, needs_scale = ctx.needs_input_grad[:3]
+        compute_pb = needs_a or (needs_scale and not needs_b)  # the scale takes either
         pb, pa = bwd_op(a, b, scale, ctx.normalize, ctx.exclude_diagonal, *tensors,
-                        row_lse, col_lse, g_row, g_col)
+                        row_lse, col_lse, g_row, g_col, compute_pb, needs_b)
+        pb, pa = (pb if compute_pb else None), (pa if needs_b else None)
         grads = _common.grads_from_products(a, b, scale, ctx.normalize, pb, pa,
                                             ctx.needs_input_grad)
         return (*grads, None, None, None, None, None, None, None)
@@ -276,6 +286,11 @@ KERNELS.register("naive", fwd_reference, bwd_reference, autograd=False)
 
 
 # --- torch backend: tiled pure PyTorch --------------------------------------------
+
+# The N x M x D products the torch backward computed ("S", "pb", "pa"), one count per
+# call: how a test sees that a frozen side costs no gradient product.
+PRODUCTS_COMPUTED: collections.Counter = collections.Counter()
+
 
 def _merge_masked_stats(run_max: Tensor, run_sum: Tensor, s: Tensor, dim: int):
     """Fold a tile (excluded entries -inf) into running (max, sum-of-exp) statistics;
@@ -314,21 +329,25 @@ def _torch_masked_lse_bwd(a: Tensor, b: Tensor, scale: Tensor, normalize: bool,
                           exclude_diagonal: bool, positives: Tensor,
                           row_groups: Optional[Tensor], col_groups: Optional[Tensor],
                           row_threshold: Optional[Tensor], col_threshold: Optional[Tensor],
-                          row_lse: Tensor, col_lse: Tensor, g_row: Tensor,
-                          g_col: Tensor) -> tuple[Tensor, Tensor]:
+                          row_lse: Tensor, col_lse: Tensor, g_row: Tensor, g_col: Tensor,
+                          compute_pb: bool, compute_pa: bool) -> tuple[Tensor, Tensor]:
     rules = (exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold)
     ah, bh = scaled_operand(a, normalize), scaled_operand(b, normalize)
     alpha = scale.item()
     n, m = ah.shape[0], bh.shape[0]
-    pb, pa = torch.zeros_like(ah), torch.zeros_like(bh)
+    pb = torch.zeros_like(ah) if compute_pb else ah.new_empty(0)
+    pa = torch.zeros_like(bh) if compute_pa else ah.new_empty(0)
+    PRODUCTS_COMPUTED.update(["S"] + ["pb"] * compute_pb + ["pa"] * compute_pa)
     buffers = TileBuffers(1, ah, n, m)
     for i0, i1, j0, j1 in tiles(n, m, ah.device):
         (s,) = buffers.views(i1 - i0, j1 - j0)
         # The forward's S, bit for bit: the same addmm on the same tile.
         torch.addmm(s, ah[i0:i1], bh[j0:j1].T, beta=0, alpha=alpha, out=s)
         p = _probabilities(s, i0, j0, rules, row_lse, col_lse, g_row, g_col)
-        pb[i0:i1].addmm_(p, bh[j0:j1])
-        pa[j0:j1].addmm_(p.T, ah[i0:i1])
+        if compute_pb:
+            pb[i0:i1].addmm_(p, bh[j0:j1])
+        if compute_pa:
+            pa[j0:j1].addmm_(p.T, ah[i0:i1])
     return pb, pa
 
 
