@@ -9,6 +9,8 @@ are elsewhere), groups of two duplicates, and per-row and per-column
 thresholds at the positive logit + 0.1 (false-negative filtering). The same
 call without rules is measured beside it on every backend: ``BACKEND:masked``
 against ``BACKEND:unmasked`` is the cost of the mask (target: at most 1.10x).
+``BACKEND:masked-frozen-b``: the same with ``b`` a constant (a locked tower): its
+backward skips one of the four products (target: at most 0.80x of ``BACKEND:masked``).
 ``naive``: the masked primitive on the materialized S. ``rel_err``: against
 the torch backend's masked result in fp32.
 """
@@ -32,7 +34,7 @@ def impls_for(device: str, wanted: list[str] | None) -> tuple[list[str], dict[st
     names = ["naive"]
     for backend in implementations.mmkernels_backends(device):
         if backend in masked_logsumexp.KERNELS:
-            names.append(f"{backend}:masked")
+            names += [f"{backend}:masked", f"{backend}:masked-frozen-b"]
         names.append(f"{backend}:unmasked")
     return available(names, wanted)
 
@@ -58,12 +60,12 @@ def prepare(impl: str, case: Case, device: str) -> Workload:
     import mmkernels
 
     a, b, gen = case_inputs(case, device)
+    backend, _, variant = impl.partition(":")
     a.requires_grad_()
-    b.requires_grad_()
+    b.requires_grad_(variant != "masked-frozen-b")
     scale = torch.tensor(SCALE, device=device, requires_grad=True)
     g_row = torch.rand(case.n, device=device, generator=gen)
     g_col = torch.rand(case.m, device=device, generator=gen)
-    backend, _, variant = impl.partition(":")
     rules = rules_for(a.detach(), b.detach(), SCALE)
     call_rules = {} if variant == "unmasked" else rules
 
@@ -88,7 +90,8 @@ def prepare(impl: str, case: Case, device: str) -> Workload:
 
     feature_bytes = (a.numel() + b.numel()) * a.element_size()
     return Workload(forward=forward, backward=backward, zero_grad=zero_grad,
-                    inputs_bytes=feature_bytes + (case.n + case.m) * 4, grads_bytes=feature_bytes,
+                    inputs_bytes=feature_bytes + (case.n + case.m) * 4,
+                    grads_bytes=sum(x.numel() * x.element_size() for x in (a, b) if x.requires_grad),
                     error=error)
 
 
