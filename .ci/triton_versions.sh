@@ -18,7 +18,7 @@ read -r -a VERSIONS <<< "${VERSIONS[*]}"
 CACHE="${MMKERNELS_CI_CACHE:-$HOME/.cache/mmkernels-ci}"
 JOBS="${MAX_JOBS:-2}"
 # torch 2.13.0: a small CPU wheel; which torch sits beside Triton does not change
-# the kernels (torch only launches them), see README "Supported versions".
+# the kernels (torch only launches them), see README "Supported torch".
 TORCH="${MMKERNELS_CI_TORCH:-torch==2.13.0}"
 mkdir -p "$CACHE"
 status=0

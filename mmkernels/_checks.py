@@ -17,7 +17,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 class DTypeError(TypeError, ValueError):
     """A tensor of an unsupported dtype: both a TypeError and a ValueError,
-    so callers may catch either (API.md lists dtype errors under both)."""
+    so callers may catch either (docs/api.md, "Errors")."""
 
 
 def outside_autocast(fn):

@@ -2,7 +2,7 @@
 that turns a kernel's products into gradients, and the tiling of the torch
 backend.
 
-Notation (DESIGN.md section 1): ``ra[i] = 1 / max(||a_i||, eps)`` when
+Notation (docs/architecture.md, "The primitive"): ``ra[i] = 1 / max(||a_i||, eps)`` when
 normalizing, else 1; ``Ah = ra * a`` (rows scaled), likewise ``Bh``; and
 ``S = scale * Ah @ Bh.T``. A backward kernel returns the two products
 
@@ -25,7 +25,7 @@ import torch
 
 from mmkernels._checks import compute_dtype
 
-# F.normalize's eps (API.md): rows with a smaller norm are divided by EPS instead.
+# F.normalize's eps (docs/api.md): rows with a smaller norm are divided by EPS instead.
 EPS = 1e-12
 
 
