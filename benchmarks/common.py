@@ -34,6 +34,8 @@ GEMMS = {
     "similarity": {"fwd": 1, "bwd": 2},
     # SigLIP's tiles cost the same products as the logsumexp primitive's.
     "siglip": {"fwd": 1, "bwd": 3},
+    # The mask adds compares, no product.
+    "masked_logsumexp": {"fwd": 1, "bwd": 3},
 }
 
 

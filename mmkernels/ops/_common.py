@@ -65,13 +65,17 @@ def normalization_backward(x: torch.Tensor, grad_xh: torch.Tensor) -> torch.Tens
 
 
 def grads_from_products(a, b, scale, normalize, pb, pa, needs_input_grad):
-    """(grad_a, grad_b, grad_scale) from a backward kernel's products pb, pa (consumed)."""
+    """(grad_a, grad_b, grad_scale) from a backward kernel's products pb, pa (consumed).
+
+    Either product may be None when its side needs no gradient (a frozen tower):
+    the scale's gradient, sum_i <Ah_i, pb_i> = sum_j <Bh_j, pa_j>, takes the one there."""
     needs_a, needs_b, needs_scale = needs_input_grad[:3]
     grad_scale = None
-    if needs_scale:  # sum_i <Ah_i, pb_i>, before pb is overwritten
-        along = torch.linalg.vecdot(a.to(pb.dtype), pb)
+    if needs_scale:  # before the product is overwritten
+        x, product = (a, pb) if pb is not None else (b, pa)
+        along = torch.linalg.vecdot(x.to(product.dtype), product)
         if normalize:
-            along = along * inv_norms(a)
+            along = along * inv_norms(x)
         grad_scale = along.sum()
     grad_a = _feature_grad(a, pb.mul_(scale), normalize) if needs_a else None
     grad_b = _feature_grad(b, pa.mul_(scale), normalize) if needs_b else None

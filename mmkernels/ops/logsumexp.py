@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from mmkernels import _checks, backends
-from mmkernels.ops import _common
+from mmkernels.ops import _common, masked_logsumexp
 from mmkernels.ops._common import TileBuffers, scaled_operand, tiles
 from mmkernels.ops._registry import KernelTable
 
@@ -181,6 +181,9 @@ def lse(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, backend: str):
 
 @_checks.outside_autocast
 def similarity_logsumexp(a: Tensor, b: Tensor, logit_scale=1.0, *, normalize: bool = False,
+                         exclude_diagonal: bool = False, row_groups: Tensor | None = None,
+                         col_groups: Tensor | None = None, row_threshold: Tensor | None = None,
+                         col_threshold: Tensor | None = None, positives: Tensor | None = None,
                          backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Row and column logsumexp of ``S = logit_scale * a @ b.T``, never holding S.
 
@@ -190,13 +193,31 @@ def similarity_logsumexp(a: Tensor, b: Tensor, logit_scale=1.0, *, normalize: bo
         logit_scale: the multiplier (a number or a 0-dim tensor, which
             receives its gradient).
         normalize: L2-normalize the rows of ``a`` and ``b`` first (fused).
-        backend: "auto" or a backend name (see :mod:`mmkernels.backends`).
+        exclude_diagonal: entry (i, i) leaves row i's and column i's logsumexp
+            (self-similarity); needs ``positives`` (a positive is never excluded).
+        row_groups, col_groups: (N,) and (M,) int64, given together: entries with
+            ``row_groups[i] == col_groups[j]`` leave both statistics.
+        row_threshold: (N,) float: entries with ``S[i, j] > row_threshold[i]`` leave
+            row i's logsumexp (false-negative filtering). No gradient.
+        col_threshold: (M,) float: the same for column j's logsumexp.
+        positives: (N,) int64, row i's positive column (never excluded), -1 for
+            none; default ``arange(N)`` (needs M >= N).
+        backend: "auto" or a backend name (see :mod:`mmkernels.backends`). With an
+            exclusion on, "auto" picks the best backend that has masked kernels
+            (ops/masked_logsumexp.py lists them); a named one without raises.
 
     Returns:
-        ``(torch.logsumexp(S, dim=1), torch.logsumexp(S, dim=0))``, shapes (N,)
-        and (M,), fp32 (fp64 for fp64 inputs), differentiable through both.
+        ``(torch.logsumexp(S, dim=1), torch.logsumexp(S, dim=0))`` over the entries
+        left, shapes (N,) and (M,), fp32 (fp64 for fp64 inputs), differentiable
+        through both; -inf (with no gradient) where no entry is left.
     """
     _checks.check_pair("a", a, "b", b, same_rows=False)
-    name = backends.select_backend(backend, a.device)
+    rules = masked_logsumexp.Exclusions.from_arguments(
+        a, b, exclude_diagonal=exclude_diagonal, row_groups=row_groups, col_groups=col_groups,
+        row_threshold=row_threshold, col_threshold=col_threshold, positives=positives)
+    if rules is None:
+        name = backends.select_backend(backend, a.device)
+        return lse(a, b, _checks.as_scalar_tensor("logit_scale", logit_scale, a), normalize, name)
+    name = masked_logsumexp.masked_backend(backend, a.device)
     scale = _checks.as_scalar_tensor("logit_scale", logit_scale, a)
-    return lse(a, b, scale, normalize, name)
+    return masked_logsumexp.masked_lse(a, b, scale, normalize, rules, name)
