@@ -20,6 +20,9 @@ JOBS="${MAX_JOBS:-2}"
 # torch 2.13.0: a small CPU wheel; which torch sits beside Triton does not change
 # the kernels (torch only launches them), see README "Supported torch".
 TORCH="${MMKERNELS_CI_TORCH:-torch==2.13.0}"
+# What the lane's test files import besides torch and triton (pillow: the
+# trainer's data loading, which tests/test_autocast.py imports).
+LANE_REQUIREMENTS="numpy pytest pytest-timeout pillow"
 mkdir -p "$CACHE"
 status=0
 for v in "${VERSIONS[@]}"; do
@@ -28,10 +31,12 @@ for v in "${VERSIONS[@]}"; do
     python="$venv/bin/python"
     if [ "${MMKERNELS_CI_LANE_DONE:-}" = "$v" ] && [ -n "${MMKERNELS_CI_MAIN_PYTHON:-}" ]; then
         python="$MMKERNELS_CI_MAIN_PYTHON"
-    elif [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$v')"; then
+    elif [ "$(cat "$venv/.requirements" 2>/dev/null)" != "$TORCH triton==$v $LANE_REQUIREMENTS" ]; then
         rm -rf "$venv"
         python3 -m venv "$venv"
-        "$venv/bin/pip" install -q "$TORCH" "triton==$v" numpy pytest pytest-timeout
+        # shellcheck disable=SC2086
+        "$venv/bin/pip" install -q "$TORCH" "triton==$v" $LANE_REQUIREMENTS
+        echo "$TORCH triton==$v $LANE_REQUIREMENTS" > "$venv/.requirements"
     fi
     t1=$(date +%s)
     echo "== triton $v: venv ready in $((t1 - t0)) s ($python)"
