@@ -26,7 +26,7 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
