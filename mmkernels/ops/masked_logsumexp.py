@@ -230,17 +230,20 @@ def bwd_reference(a, b, scale, normalize, *args):
                 p.T @ ah if compute_pa else ah.new_empty(0))
 
 
-def _probabilities(s, i0, j0, rules, row_lse, col_lse, g_row, g_col):
-    """P of the block ``s`` (rows from i0, columns from j0): excluded entries 0."""
+def _probabilities(s, i0, j0, rules, row_lse, col_lse, g_row, g_col, p=None):
+    """P of the block ``s`` (rows from i0, columns from j0), excluded entries 0;
+    written into ``p`` when given (a scratch tile), and ``s`` consumed."""
     out_of_row, out_of_col = excluded(s, i0, j0, *rules)
     r, c = s.shape
-    row_part = torch.exp(s - row_lse[i0:i0 + r].unsqueeze(1))
-    col_part = torch.exp(s - col_lse[j0:j0 + c])
+    p = torch.empty_like(s) if p is None else p
+    torch.sub(s, row_lse[i0:i0 + r].unsqueeze(1), out=p).exp_()
     if out_of_row is not None:
-        row_part.masked_fill_(out_of_row, 0.0)
+        p.masked_fill_(out_of_row, 0.0)
+    p.mul_(g_row[i0:i0 + r].unsqueeze(1))
+    col_part = s.sub_(col_lse[j0:j0 + c]).exp_()
     if out_of_col is not None:
         col_part.masked_fill_(out_of_col, 0.0)
-    return row_part.mul_(g_row[i0:i0 + r].unsqueeze(1)).addcmul_(col_part, g_col[j0:j0 + c])
+    return p.addcmul_(col_part, g_col[j0:j0 + c])
 
 
 # --- autograd and fake kernels, shared by every backend ---------------------------
@@ -292,12 +295,16 @@ KERNELS.register("naive", fwd_reference, bwd_reference, autograd=False)
 PRODUCTS_COMPUTED: collections.Counter = collections.Counter()
 
 
-def _merge_masked_stats(run_max: Tensor, run_sum: Tensor, s: Tensor, dim: int):
-    """Fold a tile (excluded entries -inf) into running (max, sum-of-exp) statistics;
-    a statistic with nothing left so far keeps max -inf and sum 0."""
-    new_max = torch.maximum(run_max, s.amax(dim))
+def _merge_masked_stats(run_max: Tensor, run_sum: Tensor, s: Tensor, out: Optional[Tensor],
+                        dim: int, work: Tensor):
+    """Fold a tile of S, without its entries ``out``, into running (max, sum-of-exp)
+    statistics along ``dim``; a statistic with nothing left so far keeps max -inf
+    and sum 0. ``work``: a scratch tile (``s`` is left as it is)."""
+    kept = s if out is None else torch.where(out, s.new_full((), float("-inf")), s, out=work)
+    new_max = torch.maximum(run_max, kept.amax(dim))
     shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
-    run_sum.mul_(torch.exp(run_max - shift)).add_(torch.exp(s - shift.unsqueeze(dim)).sum(dim))
+    exps = torch.sub(kept, shift.unsqueeze(dim), out=work).exp_()
+    run_sum.mul_(torch.exp(run_max - shift)).add_(exps.sum(dim))
     run_max.copy_(new_max)
 
 
@@ -313,14 +320,13 @@ def _torch_masked_lse_fwd(a: Tensor, b: Tensor, scale: Tensor, normalize: bool,
     n, m = ah.shape[0], bh.shape[0]
     row_max, row_sum = ah.new_full((n,), float("-inf")), ah.new_zeros(n)
     col_max, col_sum = ah.new_full((m,), float("-inf")), ah.new_zeros(m)
-    buffers = TileBuffers(1, ah, n, m)
+    buffers = TileBuffers(2, ah, n, m)
     for i0, i1, j0, j1 in tiles(n, m, ah.device):
-        (s,) = buffers.views(i1 - i0, j1 - j0)
+        s, work = buffers.views(i1 - i0, j1 - j0)
         torch.addmm(s, ah[i0:i1], bh[j0:j1].T, beta=0, alpha=alpha, out=s)
         out_of_row, out_of_col = excluded(s, i0, j0, *rules)
-        for run_max, run_sum, out, dim in ((row_max[i0:i1], row_sum[i0:i1], out_of_row, 1),
-                                           (col_max[j0:j1], col_sum[j0:j1], out_of_col, 0)):
-            _merge_masked_stats(run_max, run_sum, s if out is None else s.masked_fill(out, -torch.inf), dim)
+        _merge_masked_stats(row_max[i0:i1], row_sum[i0:i1], s, out_of_row, 1, work)
+        _merge_masked_stats(col_max[j0:j1], col_sum[j0:j1], s, out_of_col, 0, work)
     return row_max + row_sum.log(), col_max + col_sum.log()
 
 
@@ -338,12 +344,12 @@ def _torch_masked_lse_bwd(a: Tensor, b: Tensor, scale: Tensor, normalize: bool,
     pb = torch.zeros_like(ah) if compute_pb else ah.new_empty(0)
     pa = torch.zeros_like(bh) if compute_pa else ah.new_empty(0)
     PRODUCTS_COMPUTED.update(["S"] + ["pb"] * compute_pb + ["pa"] * compute_pa)
-    buffers = TileBuffers(1, ah, n, m)
+    buffers = TileBuffers(2, ah, n, m)
     for i0, i1, j0, j1 in tiles(n, m, ah.device):
-        (s,) = buffers.views(i1 - i0, j1 - j0)
+        s, p = buffers.views(i1 - i0, j1 - j0)
         # The forward's S, bit for bit: the same addmm on the same tile.
         torch.addmm(s, ah[i0:i1], bh[j0:j1].T, beta=0, alpha=alpha, out=s)
-        p = _probabilities(s, i0, j0, rules, row_lse, col_lse, g_row, g_col)
+        _probabilities(s, i0, j0, rules, row_lse, col_lse, g_row, g_col, p)
         if compute_pb:
             pb[i0:i1].addmm_(p, bh[j0:j1])
         if compute_pa:
