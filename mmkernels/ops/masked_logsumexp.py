@@ -158,7 +158,7 @@ def _check_range(name: str, x: Tensor, low: int, high: int) -> None:
                          f"[{x.min().item()}, {x.max().item()}]")
 
 
-# --- the mask of one block of S (every backend in Python uses this) -------------
+# --- the mask of one block of S (the reference's; the torch backend's is _kept) ----
 
 def excluded(s: Tensor, i0: int, j0: int, exclude_diagonal: bool, positives: Tensor,
              row_groups, col_groups, row_threshold, col_threshold):
@@ -231,8 +231,9 @@ def bwd_reference(a, b, scale, normalize, *args):
 
 
 def _probabilities(s, i0, j0, rules, row_lse, col_lse, g_row, g_col, p=None):
-    """P of the block ``s`` (rows from i0, columns from j0), excluded entries 0;
-    written into ``p`` when given (a scratch tile), and ``s`` consumed."""
+    """P of the block ``s`` (rows from i0, columns from j0), excluded entries 0
+    (the reference's; the torch backend's loop writes its own); written into
+    ``p`` when given, and ``s`` consumed."""
     out_of_row, out_of_col = excluded(s, i0, j0, *rules)
     r, c = s.shape
     p = torch.empty_like(s) if p is None else p
@@ -295,15 +296,67 @@ KERNELS.register("naive", fwd_reference, bwd_reference, autograd=False)
 PRODUCTS_COMPUTED: collections.Counter = collections.Counter()
 
 
-def _merge_masked_stats(run_max: Tensor, run_sum: Tensor, s: Tensor, out: Optional[Tensor],
+# Why float masks (1 kept, 0 out) here rather than the bool masks of ``excluded``:
+# on CPU, PyTorch's where/masked_fill on a random bool mask cost about 15 times
+# a vectorized multiply, and exp of -inf (or of logits far below the shift) takes
+# a slow path; comparisons written into a float tensor, multiplies and a clamp
+# stay vectorized. The entries decided are the same as ``excluded``'s.
+_FAR = 1e30  # added below an excluded logit for the maximum: far under any logit
+_EXP_CAP = 80.0  # exp(80) < fp32's max: an excluded entry's exp stays finite before its 0
+
+
+def _kept(s: Tensor, i0: int, j0: int, rules: tuple, scratch: list[Tensor]):
+    """(keep_row, keep_col): float masks of the tile ``s``, 1 where an entry stays in
+    its row's (column's) logsumexp, 0 where it leaves; None where all stay.
+    ``scratch``: three tiles of ``s``'s shape to write them into."""
+    exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold = rules
+    r, c = s.shape
+    common_buf, row_buf, col_buf = scratch
+    common = None
+    if row_groups is not None:
+        common = torch.ne(row_groups[i0:i0 + r].unsqueeze(1), col_groups[j0:j0 + c].unsqueeze(0),
+                          out=common_buf)
+    if exclude_diagonal:
+        first, last = max(i0, j0), min(i0 + r, j0 + c)
+        if first < last:
+            if common is None:
+                common = common_buf.fill_(1.0)
+            diagonal = torch.arange(first, last, device=s.device)
+            common[diagonal - i0, diagonal - j0] = 0.0
+    keep_row = keep_col = common
+    if row_threshold is not None:  # keep = 1 - (s > t): a NaN logit stays, as in ``excluded``
+        keep_row = torch.gt(s, row_threshold[i0:i0 + r].unsqueeze(1), out=row_buf).neg_().add_(1.0)
+        if common is not None:
+            keep_row.mul_(common)
+    if col_threshold is not None:
+        keep_col = torch.gt(s, col_threshold[j0:j0 + c].unsqueeze(0), out=col_buf).neg_().add_(1.0)
+        if common is not None:
+            keep_col.mul_(common)
+    column = positives[i0:i0 + r] - j0
+    inside = ((column >= 0) & (column < c)).unsqueeze(1)
+    column = column.clamp(0, c - 1).unsqueeze(1)
+    for mask in {id(m): m for m in (keep_row, keep_col) if m is not None}.values():
+        mask.scatter_(1, column, torch.where(inside, 1.0, mask.gather(1, column)))
+    return keep_row, keep_col
+
+
+def _merge_masked_stats(run_max: Tensor, run_sum: Tensor, s: Tensor, keep: Optional[Tensor],
                         dim: int, work: Tensor):
-    """Fold a tile of S, without its entries ``out``, into running (max, sum-of-exp)
-    statistics along ``dim``; a statistic with nothing left so far keeps max -inf
+    """Fold a tile of S, only its entries ``keep``, into running (max, sum-of-exp)
+    statistics along ``dim``; a statistic with nothing kept so far keeps max -inf
     and sum 0. ``work``: a scratch tile (``s`` is left as it is)."""
-    kept = s if out is None else torch.where(out, s.new_full((), float("-inf")), s, out=work)
-    new_max = torch.maximum(run_max, kept.amax(dim))
+    if keep is None:
+        tile_max = s.amax(dim)
+    else:  # s where kept, s - _FAR (exactly -_FAR in fp32) where not
+        tile_max = torch.sub(keep, 1.0, out=work).mul_(_FAR).addcmul_(s, keep).amax(dim)
+        tile_max.masked_fill_(tile_max < -_FAR / 2, float("-inf"))
+    new_max = torch.maximum(run_max, tile_max)
     shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
-    exps = torch.sub(kept, shift.unsqueeze(dim), out=work).exp_()
+    exps = torch.sub(s, shift.unsqueeze(dim), out=work)
+    if keep is not None:
+        exps.clamp_max_(_EXP_CAP).exp_().mul_(keep)
+    else:
+        exps.exp_()
     run_sum.mul_(torch.exp(run_max - shift)).add_(exps.sum(dim))
     run_max.copy_(new_max)
 
@@ -320,13 +373,13 @@ def _torch_masked_lse_fwd(a: Tensor, b: Tensor, scale: Tensor, normalize: bool,
     n, m = ah.shape[0], bh.shape[0]
     row_max, row_sum = ah.new_full((n,), float("-inf")), ah.new_zeros(n)
     col_max, col_sum = ah.new_full((m,), float("-inf")), ah.new_zeros(m)
-    buffers = TileBuffers(2, ah, n, m)
+    buffers = TileBuffers(5, ah, n, m)
     for i0, i1, j0, j1 in tiles(n, m, ah.device):
-        s, work = buffers.views(i1 - i0, j1 - j0)
+        s, work, *scratch = buffers.views(i1 - i0, j1 - j0)
         torch.addmm(s, ah[i0:i1], bh[j0:j1].T, beta=0, alpha=alpha, out=s)
-        out_of_row, out_of_col = excluded(s, i0, j0, *rules)
-        _merge_masked_stats(row_max[i0:i1], row_sum[i0:i1], s, out_of_row, 1, work)
-        _merge_masked_stats(col_max[j0:j1], col_sum[j0:j1], s, out_of_col, 0, work)
+        keep_row, keep_col = _kept(s, i0, j0, rules, scratch)
+        _merge_masked_stats(row_max[i0:i1], row_sum[i0:i1], s, keep_row, 1, work)
+        _merge_masked_stats(col_max[j0:j1], col_sum[j0:j1], s, keep_col, 0, work)
     return row_max + row_sum.log(), col_max + col_sum.log()
 
 
@@ -344,12 +397,22 @@ def _torch_masked_lse_bwd(a: Tensor, b: Tensor, scale: Tensor, normalize: bool,
     pb = torch.zeros_like(ah) if compute_pb else ah.new_empty(0)
     pa = torch.zeros_like(bh) if compute_pa else ah.new_empty(0)
     PRODUCTS_COMPUTED.update(["S"] + ["pb"] * compute_pb + ["pa"] * compute_pa)
-    buffers = TileBuffers(2, ah, n, m)
+    buffers = TileBuffers(5, ah, n, m)
     for i0, i1, j0, j1 in tiles(n, m, ah.device):
-        s, p = buffers.views(i1 - i0, j1 - j0)
+        s, p, *scratch = buffers.views(i1 - i0, j1 - j0)
         # The forward's S, bit for bit: the same addmm on the same tile.
         torch.addmm(s, ah[i0:i1], bh[j0:j1].T, beta=0, alpha=alpha, out=s)
-        _probabilities(s, i0, j0, rules, row_lse, col_lse, g_row, g_col, p)
+        keep_row, keep_col = _kept(s, i0, j0, rules, scratch)
+        # P = keep_row * g_row * exp(S - row_lse) + keep_col * g_col * exp(S - col_lse);
+        # the cap keeps an excluded entry's exp finite (a -inf lse: all excluded).
+        torch.sub(s, row_lse[i0:i1].unsqueeze(1), out=p).clamp_max_(_EXP_CAP).exp_()
+        if keep_row is not None:
+            p.mul_(keep_row)
+        p.mul_(g_row[i0:i1].unsqueeze(1))
+        s.sub_(col_lse[j0:j1]).clamp_max_(_EXP_CAP).exp_()
+        if keep_col is not None:
+            s.mul_(keep_col)
+        p.addcmul_(s, g_col[j0:j1])
         if compute_pb:
             pb[i0:i1].addmm_(p, bh[j0:j1])
         if compute_pa:
