@@ -34,6 +34,7 @@
 #include <limits>
 
 #include "../common.h"
+#include "../int_math.h"
 #include "kernels.h"
 #include "tile_ops.h"
 
@@ -57,8 +58,6 @@ template <>
 const TileOps<float>& tile_ops<float>() { return tile_ops_f32(); }
 template <>
 const TileOps<double>& tile_ops<double>() { return tile_ops_f64(); }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Row tiles of S split into `chunks` contiguous ranges, one per thread.
 struct Schedule {
