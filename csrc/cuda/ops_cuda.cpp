@@ -32,12 +32,15 @@ namespace {
 using at::Tensor;
 
 // torch >= 2.8 multiplies fp16/bf16 matrices into fp32 outputs on CUDA (mm's
-// out_dtype); before that, fp16/bf16 products go through fp32 copies.
+// out_dtype); before that, fp16/bf16 products go through fp32 copies. A macro
+// as well as a constant: older torch lacks that mm overload, so its call must
+// not be compiled there.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-constexpr bool kHalfGemmToFloat = true;
+#define MMKERNELS_HALF_GEMM_TO_FLOAT 1
 #else
-constexpr bool kHalfGemmToFloat = false;
+#define MMKERNELS_HALF_GEMM_TO_FLOAT 0
 #endif
+constexpr bool kHalfGemmToFloat = MMKERNELS_HALF_GEMM_TO_FLOAT;
 
 std::atomic<int64_t> g_band_rows{0};
 
@@ -90,7 +93,7 @@ void gemm_into(Tensor out, const Tensor& m1, const Tensor& m2, bool accumulate) 
     at::addmm_out(out, out, m1, m2, /*beta=*/accumulate ? 1 : 0, /*alpha=*/1);
     return;
   }
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#if MMKERNELS_HALF_GEMM_TO_FLOAT
   if (accumulate) {
     out.add_(at::mm(m1, m2, out.scalar_type()));
   } else {
