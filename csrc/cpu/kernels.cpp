@@ -213,7 +213,7 @@ void siglip_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, T bias, b
 // --- ops ------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
-  check_pair("cpp_lse_fwd", a, b, scale);
+  check_lse_fwd(a, b, scale);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
@@ -228,12 +228,7 @@ std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tenso
 std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
                                    const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row,
                                    const Tensor& g_col) {
-  const char* op = "cpp_lse_bwd";
-  check_pair(op, a, b, scale);
-  check_vector(op, "row_lse", row_lse, a.size(0), a);
-  check_vector(op, "col_lse", col_lse, b.size(0), a);
-  check_vector(op, "g_row", g_row, a.size(0), a);
-  check_vector(op, "g_col", g_col, b.size(0), a);
+  check_lse_bwd(a, b, scale, row_lse, col_lse, g_row, g_col);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
@@ -247,9 +242,7 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
 
 Tensor siglip_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, bool normalize,
                   bool positives_on_diagonal) {
-  const char* op = "cpp_siglip_fwd";
-  check_pair(op, a, b, scale);
-  check_scalar(op, "bias", bias, a);
+  check_siglip_fwd(a, b, scale, bias);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
@@ -263,10 +256,7 @@ Tensor siglip_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, const T
 std::tuple<Tensor, Tensor, Tensor> siglip_bwd(const Tensor& a, const Tensor& b, const Tensor& scale,
                                               const Tensor& bias, bool normalize, bool positives_on_diagonal,
                                               const Tensor& g_row) {
-  const char* op = "cpp_siglip_bwd";
-  check_pair(op, a, b, scale);
-  check_scalar(op, "bias", bias, a);
-  check_vector(op, "g_row", g_row, a.size(0), a);
+  check_siglip_bwd(a, b, scale, bias, g_row);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
@@ -279,7 +269,7 @@ std::tuple<Tensor, Tensor, Tensor> siglip_bwd(const Tensor& a, const Tensor& b, 
 }
 
 Tensor similarity_fwd(const Tensor& a, const Tensor& b, const Tensor& scale) {
-  check_pair("cpp_similarity_fwd", a, b, scale);
+  check_similarity_fwd(a, b, scale);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, true, dtype), bh = scaled_operand(b, true, dtype);
   const double alpha = scale.item<double>();
@@ -299,10 +289,7 @@ Tensor similarity_fwd(const Tensor& a, const Tensor& b, const Tensor& scale) {
 
 std::tuple<Tensor, Tensor> similarity_bwd(const Tensor& a, const Tensor& b, const Tensor& scale,
                                           const Tensor& grad) {
-  check_pair("cpp_similarity_bwd", a, b, scale);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.size(0) && grad.size(1) == b.size(0),
-              "cpp_similarity_bwd: grad must have shape (", a.size(0), ", ", b.size(0), "), got ",
-              grad.sizes());
+  check_similarity_bwd(a, b, scale, grad);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, true, dtype), bh = scaled_operand(b, true, dtype);
   // The upstream gradient is the size of S already; its compute-dtype copy (fp16/bf16) is too.

@@ -131,7 +131,7 @@ std::tuple<Tensor, Tensor> backward_bands(const Tensor& a, const Tensor& b, bool
 }
 
 std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
-  check_pair("cpp_lse_fwd", a, b, scale);
+  check_lse_fwd(a, b, scale);
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
   const int64_t n = a.size(0), m = b.size(0);
@@ -151,12 +151,7 @@ std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tenso
 std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
                                    const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row,
                                    const Tensor& g_col) {
-  const char* op = "cpp_lse_bwd";
-  check_pair(op, a, b, scale);
-  check_vector(op, "row_lse", row_lse, a.size(0), a);
-  check_vector(op, "col_lse", col_lse, b.size(0), a);
-  check_vector(op, "g_row", g_row, a.size(0), a);
-  check_vector(op, "g_col", g_col, b.size(0), a);
+  check_lse_bwd(a, b, scale, row_lse, col_lse, g_row, g_col);
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
   const auto compute = compute_dtype(a.scalar_type());
@@ -171,11 +166,9 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
 
 Tensor siglip_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, bool normalize,
                      bool positives_on_diagonal) {
-  const char* op = "cpp_siglip_fwd";
-  check_pair(op, a, b, scale);
-  check_scalar(op, "bias", bias, a);
-  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= std::numeric_limits<int32_t>::max(), op, ": too many rows of a (",
-              a.size(0), ") for one grid");
+  check_siglip_fwd(a, b, scale, bias);
+  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= std::numeric_limits<int32_t>::max(),
+              "cpp_siglip_fwd: too many rows of a (", a.size(0), ") for one grid");
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
   const auto compute = compute_dtype(a.scalar_type());
@@ -189,10 +182,7 @@ Tensor siglip_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale, cons
 std::tuple<Tensor, Tensor, Tensor> siglip_bwd_op(const Tensor& a, const Tensor& b, const Tensor& scale,
                                                  const Tensor& bias, bool normalize, bool positives_on_diagonal,
                                                  const Tensor& g_row) {
-  const char* op = "cpp_siglip_bwd";
-  check_pair(op, a, b, scale);
-  check_scalar(op, "bias", bias, a);
-  check_vector(op, "g_row", g_row, a.size(0), a);
+  check_siglip_bwd(a, b, scale, bias, g_row);
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
   const int64_t n = a.size(0), m = b.size(0);
@@ -217,7 +207,7 @@ std::tuple<Tensor, Tensor, Tensor> siglip_bwd_op(const Tensor& a, const Tensor& 
 }
 
 Tensor similarity_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale) {
-  check_pair("cpp_similarity_fwd", a, b, scale);
+  check_similarity_fwd(a, b, scale);
   TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= kMaxGridY, "cpp_similarity_fwd: at most ",
               kMaxGridY * kTileRows, " rows of a on CUDA, got ", a.size(0));
   const c10::cuda::CUDAGuard guard(a.device());
@@ -229,10 +219,7 @@ Tensor similarity_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale) 
 
 std::tuple<Tensor, Tensor> similarity_bwd_op(const Tensor& a, const Tensor& b, const Tensor& scale,
                                              const Tensor& grad) {
-  check_pair("cpp_similarity_bwd", a, b, scale);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.size(0) && grad.size(1) == b.size(0),
-              "cpp_similarity_bwd: grad must have shape (", a.size(0), ", ", b.size(0), "), got ",
-              grad.sizes());
+  check_similarity_bwd(a, b, scale, grad);
   const c10::cuda::CUDAGuard guard(a.device());
   const auto compute = compute_dtype(a.scalar_type());
   // fp16/bf16: the upstream gradient multiplies the normalized operands in its
