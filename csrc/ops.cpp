@@ -4,7 +4,7 @@
 //
 // Op contract: mmkernels/ops/logsumexp.py (primitive), siglip.py and similarity.py.
 // Autograd formulas and fake kernels are attached in Python
-// (mmkernels/ops/cpp.py); one op serves the cpu and cuda backends, dispatched
+// (mmkernels/compiled.py); one op serves the cpu and cuda backends, dispatched
 // on the tensors' device.
 #include <Python.h>
 #include <torch/library.h>
