@@ -44,12 +44,12 @@ void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t
 }  // namespace
 
 void check_lse_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
-  check_pair("cpp_lse_fwd", a, b, scale);
+  check_pair("compiled_lse_fwd", a, b, scale);
 }
 
 void check_lse_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& row_lse,
                    const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col) {
-  const char* op = "cpp_lse_bwd";
+  const char* op = "compiled_lse_bwd";
   check_pair(op, a, b, scale);
   check_vector(op, "row_lse", row_lse, a.size(0), a);
   check_vector(op, "col_lse", col_lse, b.size(0), a);
@@ -58,28 +58,28 @@ void check_lse_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& s
 }
 
 void check_siglip_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias) {
-  const char* op = "cpp_siglip_fwd";
+  const char* op = "compiled_siglip_fwd";
   check_pair(op, a, b, scale);
   check_scalar(op, "bias", bias, a);
 }
 
 void check_siglip_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
                       const at::Tensor& g_row) {
-  const char* op = "cpp_siglip_bwd";
+  const char* op = "compiled_siglip_bwd";
   check_pair(op, a, b, scale);
   check_scalar(op, "bias", bias, a);
   check_vector(op, "g_row", g_row, a.size(0), a);
 }
 
 void check_similarity_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
-  check_pair("cpp_similarity_fwd", a, b, scale);
+  check_pair("compiled_similarity_fwd", a, b, scale);
 }
 
 void check_similarity_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
                           const at::Tensor& grad) {
-  check_pair("cpp_similarity_bwd", a, b, scale);
+  check_pair("compiled_similarity_bwd", a, b, scale);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.size(0) && grad.size(1) == b.size(0),
-              "cpp_similarity_bwd: grad must have shape (", a.size(0), ", ", b.size(0), "), got ",
+              "compiled_similarity_bwd: grad must have shape (", a.size(0), ", ", b.size(0), "), got ",
               grad.sizes());
 }
 

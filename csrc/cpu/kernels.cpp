@@ -219,7 +219,7 @@ std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tenso
   const double alpha = scale.item<double>();
   Tensor row_lse = at::empty({a.size(0)}, ah.options());
   Tensor col_lse = at::empty({b.size(0)}, ah.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_lse_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_lse_fwd", [&] {
     lse_fwd_impl<scalar_t>(ah, bh, alpha, row_lse, col_lse);
   });
   return {row_lse, col_lse};
@@ -234,7 +234,7 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
   const double alpha = scale.item<double>();
   auto vec = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
   Tensor pb = at::empty_like(ah), pa = at::empty_like(bh);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_lse_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_lse_bwd", [&] {
     lse_bwd_impl<scalar_t>(ah, bh, alpha, vec(row_lse), vec(col_lse), vec(g_row), vec(g_col), pb, pa);
   });
   return {pb, pa};
@@ -247,7 +247,7 @@ Tensor siglip_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, const T
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
   Tensor row = at::zeros({a.size(0)}, ah.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_siglip_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_siglip_fwd", [&] {
     siglip_fwd_impl<scalar_t>(ah, bh, alpha, bias.item<scalar_t>(), positives_on_diagonal, row);
   });
   return row;
@@ -261,7 +261,7 @@ std::tuple<Tensor, Tensor, Tensor> siglip_bwd(const Tensor& a, const Tensor& b, 
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
   Tensor pb = at::empty_like(ah), pa = at::empty_like(bh), p_row = at::zeros({a.size(0)}, ah.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_siglip_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_siglip_bwd", [&] {
     siglip_bwd_impl<scalar_t>(ah, bh, alpha, bias.item<scalar_t>(), positives_on_diagonal,
                               g_row.to(dtype).contiguous(), pb, pa, p_row);
   });
@@ -311,12 +311,12 @@ TileShape set_tile_shape(TileShape shape) {
 }
 
 TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
-  m.impl("cpp_lse_fwd", &lse_fwd);
-  m.impl("cpp_lse_bwd", &lse_bwd);
-  m.impl("cpp_siglip_fwd", &siglip_fwd);
-  m.impl("cpp_siglip_bwd", &siglip_bwd);
-  m.impl("cpp_similarity_fwd", &similarity_fwd);
-  m.impl("cpp_similarity_bwd", &similarity_bwd);
+  m.impl("compiled_lse_fwd", &lse_fwd);
+  m.impl("compiled_lse_bwd", &lse_bwd);
+  m.impl("compiled_siglip_fwd", &siglip_fwd);
+  m.impl("compiled_siglip_bwd", &siglip_bwd);
+  m.impl("compiled_similarity_fwd", &similarity_fwd);
+  m.impl("compiled_similarity_bwd", &similarity_bwd);
 }
 
 }  // namespace mmkernels::cpu

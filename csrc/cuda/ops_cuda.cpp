@@ -168,7 +168,7 @@ Tensor siglip_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale, cons
                      bool positives_on_diagonal) {
   check_siglip_fwd(a, b, scale, bias);
   TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= std::numeric_limits<int32_t>::max(),
-              "cpp_siglip_fwd: too many rows of a (", a.size(0), ") for one grid");
+              "compiled_siglip_fwd: too many rows of a (", a.size(0), ") for one grid");
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
   const auto compute = compute_dtype(a.scalar_type());
@@ -208,7 +208,7 @@ std::tuple<Tensor, Tensor, Tensor> siglip_bwd_op(const Tensor& a, const Tensor& 
 
 Tensor similarity_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale) {
   check_similarity_fwd(a, b, scale);
-  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= kMaxGridY, "cpp_similarity_fwd: at most ",
+  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= kMaxGridY, "compiled_similarity_fwd: at most ",
               kMaxGridY * kTileRows, " rows of a on CUDA, got ", a.size(0));
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, /*normalize=*/true);
@@ -239,12 +239,12 @@ std::tuple<Tensor, Tensor> similarity_bwd_op(const Tensor& a, const Tensor& b, c
 int64_t set_band_rows(int64_t rows) { return g_band_rows.exchange(rows); }
 
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
-  m.impl("cpp_lse_fwd", &lse_fwd);
-  m.impl("cpp_lse_bwd", &lse_bwd);
-  m.impl("cpp_siglip_fwd", &siglip_fwd_op);
-  m.impl("cpp_siglip_bwd", &siglip_bwd_op);
-  m.impl("cpp_similarity_fwd", &similarity_fwd_op);
-  m.impl("cpp_similarity_bwd", &similarity_bwd_op);
+  m.impl("compiled_lse_fwd", &lse_fwd);
+  m.impl("compiled_lse_bwd", &lse_bwd);
+  m.impl("compiled_siglip_fwd", &siglip_fwd_op);
+  m.impl("compiled_siglip_bwd", &siglip_bwd_op);
+  m.impl("compiled_similarity_fwd", &similarity_fwd_op);
+  m.impl("compiled_similarity_bwd", &similarity_bwd_op);
 }
 
 }  // namespace mmkernels::cuda
