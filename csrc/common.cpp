@@ -8,6 +8,9 @@ at::ScalarType compute_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+namespace {
+
+// a (N, D) and b (M, D): floating, same dtype, device and D; scale: one element.
 void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": a and b must be 2-D (rows, D), got shapes ",
               a.sizes(), " and ", b.sizes());
@@ -24,16 +27,60 @@ void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b, const 
               " on ", scale.device());
 }
 
+// `t` (SigLIP's bias) is one element on a's device.
 void check_scalar(const char* op, const char* name, const at::Tensor& t, const at::Tensor& a) {
   TORCH_CHECK(t.numel() == 1 && t.device() == a.device(), op, ": ", name, " must be a one-element tensor on ",
               a.device(), ", got shape ", t.sizes(), " on ", t.device());
 }
 
+// `t` has `numel` elements, on a's device (per-row statistics and gradients).
 void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t numel,
                   const at::Tensor& a) {
   TORCH_CHECK(t.dim() == 1 && t.numel() == numel && t.device() == a.device(), op, ": ", name,
               " must have shape (", numel, ") on ", a.device(), ", got shape ", t.sizes(), " on ",
               t.device());
+}
+
+}  // namespace
+
+void check_lse_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
+  check_pair("compiled_lse_fwd", a, b, scale);
+}
+
+void check_lse_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& row_lse,
+                   const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col) {
+  const char* op = "compiled_lse_bwd";
+  check_pair(op, a, b, scale);
+  check_vector(op, "row_lse", row_lse, a.size(0), a);
+  check_vector(op, "col_lse", col_lse, b.size(0), a);
+  check_vector(op, "g_row", g_row, a.size(0), a);
+  check_vector(op, "g_col", g_col, b.size(0), a);
+}
+
+void check_siglip_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias) {
+  const char* op = "compiled_siglip_fwd";
+  check_pair(op, a, b, scale);
+  check_scalar(op, "bias", bias, a);
+}
+
+void check_siglip_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
+                      const at::Tensor& g_row) {
+  const char* op = "compiled_siglip_bwd";
+  check_pair(op, a, b, scale);
+  check_scalar(op, "bias", bias, a);
+  check_vector(op, "g_row", g_row, a.size(0), a);
+}
+
+void check_similarity_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
+  check_pair("compiled_similarity_fwd", a, b, scale);
+}
+
+void check_similarity_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                          const at::Tensor& grad) {
+  check_pair("compiled_similarity_bwd", a, b, scale);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.size(0) && grad.size(1) == b.size(0),
+              "compiled_similarity_bwd: grad must have shape (", a.size(0), ", ", b.size(0), "), got ",
+              grad.sizes());
 }
 
 at::Tensor inv_norms(const at::Tensor& x) {

@@ -4,7 +4,7 @@
 //
 // Op contract: mmkernels/ops/logsumexp.py (primitive), siglip.py and similarity.py.
 // Autograd formulas and fake kernels are attached in Python
-// (mmkernels/ops/cpp.py); one op serves the cpu and cuda backends, dispatched
+// (mmkernels/compiled.py); one op serves the cpu and cuda backends, dispatched
 // on the tensors' device.
 #include <Python.h>
 #include <torch/library.h>
@@ -16,18 +16,18 @@
 #endif
 
 TORCH_LIBRARY_FRAGMENT(mmkernels, m) {
-  m.def("cpp_lse_fwd(Tensor a, Tensor b, Tensor scale, bool normalize) -> (Tensor, Tensor)");
+  m.def("compiled_lse_fwd(Tensor a, Tensor b, Tensor scale, bool normalize) -> (Tensor, Tensor)");
   m.def(
-      "cpp_lse_bwd(Tensor a, Tensor b, Tensor scale, bool normalize, Tensor row_lse, "
+      "compiled_lse_bwd(Tensor a, Tensor b, Tensor scale, bool normalize, Tensor row_lse, "
       "Tensor col_lse, Tensor g_row, Tensor g_col) -> (Tensor, Tensor)");
   m.def(
-      "cpp_siglip_fwd(Tensor a, Tensor b, Tensor scale, Tensor bias, bool normalize, "
+      "compiled_siglip_fwd(Tensor a, Tensor b, Tensor scale, Tensor bias, bool normalize, "
       "bool positives_on_diagonal) -> Tensor");
   m.def(
-      "cpp_siglip_bwd(Tensor a, Tensor b, Tensor scale, Tensor bias, bool normalize, "
+      "compiled_siglip_bwd(Tensor a, Tensor b, Tensor scale, Tensor bias, bool normalize, "
       "bool positives_on_diagonal, Tensor g_row) -> (Tensor, Tensor, Tensor)");
-  m.def("cpp_similarity_fwd(Tensor a, Tensor b, Tensor scale) -> Tensor");
-  m.def("cpp_similarity_bwd(Tensor a, Tensor b, Tensor scale, Tensor grad) -> (Tensor, Tensor)");
+  m.def("compiled_similarity_fwd(Tensor a, Tensor b, Tensor scale) -> Tensor");
+  m.def("compiled_similarity_bwd(Tensor a, Tensor b, Tensor scale, Tensor grad) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -10,16 +10,16 @@ CUDA (csrc/cuda/) dispatch keys; the same op serves both backend names,
 dispatched on the tensors' device. The autograd formulas and fake kernels
 shared by every backend are attached here, in Python.
 
-=====================  ========================================================
-op                     contract
-=====================  ========================================================
-``cpp_lse_fwd``        ``(a, b, scale, normalize) -> (row_lse, col_lse)``
-``cpp_lse_bwd``        ``(a, b, scale, normalize, row_lse, col_lse, g_row, g_col) -> (pb, pa)``
-``cpp_siglip_fwd``     ``(a, b, scale, bias, normalize, positives_on_diagonal) -> row``
-``cpp_siglip_bwd``     ``(a, b, scale, bias, normalize, positives_on_diagonal, g_row) -> (pb, pa, p_row)``
-``cpp_similarity_fwd`` ``(a, b, scale) -> S`` (input dtype)
-``cpp_similarity_bwd`` ``(a, b, scale, grad) -> (pb, pa)``
-=====================  ========================================================
+===========================  ========================================================
+op                           contract
+===========================  ========================================================
+``compiled_lse_fwd``         ``(a, b, scale, normalize) -> (row_lse, col_lse)``
+``compiled_lse_bwd``         ``(a, b, scale, normalize, row_lse, col_lse, g_row, g_col) -> (pb, pa)``
+``compiled_siglip_fwd``      ``(a, b, scale, bias, normalize, positives_on_diagonal) -> row``
+``compiled_siglip_bwd``      ``(a, b, scale, bias, normalize, positives_on_diagonal, g_row) -> (pb, pa, p_row)``
+``compiled_similarity_fwd``  ``(a, b, scale) -> S`` (input dtype)
+``compiled_similarity_bwd``  ``(a, b, scale, grad) -> (pb, pa)``
+===========================  ========================================================
 
 Numerics: products and statistics in fp32 (fp64 for fp64 inputs) whatever the
 input dtype; fp16/bf16 inputs are converted to fp32 operands once, O(N*D).
@@ -41,12 +41,12 @@ if not (_extension.cpu_built() or _extension.cuda_built()):
     raise ImportError(_extension.why_unavailable() or "mmkernels._C holds no kernels")
 
 _ops = torch.ops.mmkernels
-lse_fwd = _ops.cpp_lse_fwd.default
-lse_bwd = _ops.cpp_lse_bwd.default
-siglip_fwd = _ops.cpp_siglip_fwd.default
-siglip_bwd = _ops.cpp_siglip_bwd.default
-similarity_fwd = _ops.cpp_similarity_fwd.default
-similarity_bwd = _ops.cpp_similarity_bwd.default
+lse_fwd = _ops.compiled_lse_fwd.default
+lse_bwd = _ops.compiled_lse_bwd.default
+siglip_fwd = _ops.compiled_siglip_fwd.default
+siglip_bwd = _ops.compiled_siglip_bwd.default
+similarity_fwd = _ops.compiled_similarity_fwd.default
+similarity_bwd = _ops.compiled_similarity_bwd.default
 
 # One op pair serves both names, dispatched on the tensors' device.
 BACKENDS = ("cpu", "cuda")

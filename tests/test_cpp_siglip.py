@@ -1,4 +1,4 @@
-"""SigLIP's compiled kernels (cpp_siglip_fwd / cpp_siglip_bwd of mmkernels._C):
+"""SigLIP's compiled kernels (compiled_siglip_fwd / compiled_siglip_bwd of mmkernels._C):
 what tests/test_siglip.py, which runs the cpu backend through the public API
 and the kernel contract at its 8 x 16 tiles, cannot see.
 
@@ -178,9 +178,9 @@ def test_opcheck_half_noncontiguous_more_columns():
 def test_op_errors_name_the_argument():
     fwd, bwd = _ops()
     a, b, s = torch.randn(3, 4), torch.randn(5, 4), torch.tensor(1.0)
-    with pytest.raises(RuntimeError, match="cpp_siglip_fwd: bias"):
+    with pytest.raises(RuntimeError, match="compiled_siglip_fwd: bias"):
         fwd(a, b, s, torch.zeros(2), False, True)
-    with pytest.raises(RuntimeError, match="cpp_siglip_bwd: g_row"):
+    with pytest.raises(RuntimeError, match="compiled_siglip_bwd: g_row"):
         bwd(a, b, s, torch.tensor(0.0), False, True, torch.zeros(5))
     with pytest.raises(RuntimeError, match="same D"):
         fwd(a, torch.randn(5, 3), s, torch.tensor(0.0), False, True)

@@ -34,6 +34,7 @@
 #include <limits>
 
 #include "../common.h"
+#include "../int_math.h"
 #include "kernels.h"
 #include "tile_ops.h"
 
@@ -57,8 +58,6 @@ template <>
 const TileOps<float>& tile_ops<float>() { return tile_ops_f32(); }
 template <>
 const TileOps<double>& tile_ops<double>() { return tile_ops_f64(); }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Row tiles of S split into `chunks` contiguous ranges, one per thread.
 struct Schedule {
@@ -214,13 +213,13 @@ void siglip_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, T bias, b
 // --- ops ------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
-  check_pair("cpp_lse_fwd", a, b, scale);
+  check_lse_fwd(a, b, scale);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
   Tensor row_lse = at::empty({a.size(0)}, ah.options());
   Tensor col_lse = at::empty({b.size(0)}, ah.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_lse_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_lse_fwd", [&] {
     lse_fwd_impl<scalar_t>(ah, bh, alpha, row_lse, col_lse);
   });
   return {row_lse, col_lse};
@@ -229,18 +228,13 @@ std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tenso
 std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
                                    const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row,
                                    const Tensor& g_col) {
-  const char* op = "cpp_lse_bwd";
-  check_pair(op, a, b, scale);
-  check_vector(op, "row_lse", row_lse, a.size(0), a);
-  check_vector(op, "col_lse", col_lse, b.size(0), a);
-  check_vector(op, "g_row", g_row, a.size(0), a);
-  check_vector(op, "g_col", g_col, b.size(0), a);
+  check_lse_bwd(a, b, scale, row_lse, col_lse, g_row, g_col);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
   auto vec = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
   Tensor pb = at::empty_like(ah), pa = at::empty_like(bh);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_lse_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_lse_bwd", [&] {
     lse_bwd_impl<scalar_t>(ah, bh, alpha, vec(row_lse), vec(col_lse), vec(g_row), vec(g_col), pb, pa);
   });
   return {pb, pa};
@@ -248,14 +242,12 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
 
 Tensor siglip_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, bool normalize,
                   bool positives_on_diagonal) {
-  const char* op = "cpp_siglip_fwd";
-  check_pair(op, a, b, scale);
-  check_scalar(op, "bias", bias, a);
+  check_siglip_fwd(a, b, scale, bias);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
   Tensor row = at::zeros({a.size(0)}, ah.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_siglip_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_siglip_fwd", [&] {
     siglip_fwd_impl<scalar_t>(ah, bh, alpha, bias.item<scalar_t>(), positives_on_diagonal, row);
   });
   return row;
@@ -264,15 +256,12 @@ Tensor siglip_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, const T
 std::tuple<Tensor, Tensor, Tensor> siglip_bwd(const Tensor& a, const Tensor& b, const Tensor& scale,
                                               const Tensor& bias, bool normalize, bool positives_on_diagonal,
                                               const Tensor& g_row) {
-  const char* op = "cpp_siglip_bwd";
-  check_pair(op, a, b, scale);
-  check_scalar(op, "bias", bias, a);
-  check_vector(op, "g_row", g_row, a.size(0), a);
+  check_siglip_bwd(a, b, scale, bias, g_row);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
   Tensor pb = at::empty_like(ah), pa = at::empty_like(bh), p_row = at::zeros({a.size(0)}, ah.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "cpp_siglip_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_siglip_bwd", [&] {
     siglip_bwd_impl<scalar_t>(ah, bh, alpha, bias.item<scalar_t>(), positives_on_diagonal,
                               g_row.to(dtype).contiguous(), pb, pa, p_row);
   });
@@ -280,7 +269,7 @@ std::tuple<Tensor, Tensor, Tensor> siglip_bwd(const Tensor& a, const Tensor& b, 
 }
 
 Tensor similarity_fwd(const Tensor& a, const Tensor& b, const Tensor& scale) {
-  check_pair("cpp_similarity_fwd", a, b, scale);
+  check_similarity_fwd(a, b, scale);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, true, dtype), bh = scaled_operand(b, true, dtype);
   const double alpha = scale.item<double>();
@@ -300,10 +289,7 @@ Tensor similarity_fwd(const Tensor& a, const Tensor& b, const Tensor& scale) {
 
 std::tuple<Tensor, Tensor> similarity_bwd(const Tensor& a, const Tensor& b, const Tensor& scale,
                                           const Tensor& grad) {
-  check_pair("cpp_similarity_bwd", a, b, scale);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.size(0) && grad.size(1) == b.size(0),
-              "cpp_similarity_bwd: grad must have shape (", a.size(0), ", ", b.size(0), "), got ",
-              grad.sizes());
+  check_similarity_bwd(a, b, scale, grad);
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, true, dtype), bh = scaled_operand(b, true, dtype);
   // The upstream gradient is the size of S already; its compute-dtype copy (fp16/bf16) is too.
@@ -325,12 +311,12 @@ TileShape set_tile_shape(TileShape shape) {
 }
 
 TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
-  m.impl("cpp_lse_fwd", &lse_fwd);
-  m.impl("cpp_lse_bwd", &lse_bwd);
-  m.impl("cpp_siglip_fwd", &siglip_fwd);
-  m.impl("cpp_siglip_bwd", &siglip_bwd);
-  m.impl("cpp_similarity_fwd", &similarity_fwd);
-  m.impl("cpp_similarity_bwd", &similarity_bwd);
+  m.impl("compiled_lse_fwd", &lse_fwd);
+  m.impl("compiled_lse_bwd", &lse_bwd);
+  m.impl("compiled_siglip_fwd", &siglip_fwd);
+  m.impl("compiled_siglip_bwd", &siglip_bwd);
+  m.impl("compiled_similarity_fwd", &similarity_fwd);
+  m.impl("compiled_similarity_bwd", &similarity_bwd);
 }
 
 }  // namespace mmkernels::cpu

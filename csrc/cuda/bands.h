@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../int_math.h"
 #include "launch.h"
 
 namespace mmkernels::cuda {
@@ -16,8 +17,6 @@ namespace mmkernels::cuda {
 constexpr int64_t kBandBytes = int64_t{256} << 20;
 // The backward's grid has a band's row tiles on y, which holds at most 65535 blocks.
 constexpr int64_t kMaxGridY = 65535;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline DType compute_of(DType input) { return input == DType::kDouble ? DType::kDouble : DType::kFloat; }
 

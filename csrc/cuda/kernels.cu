@@ -25,6 +25,7 @@
 
 #include <cstdint>
 
+#include "../int_math.h"
 #include "launch.h"
 
 namespace mmkernels::cuda {
@@ -435,13 +436,11 @@ similarity_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n, i
 
 // --- launchers ------------------------------------------------------------------------
 
-int64_t blocks_for(int64_t count, int64_t per_block) { return (count + per_block - 1) / per_block; }
-
 template <typename T>
 cudaError_t launch_fwd(const Operands& x, int64_t row0, int64_t rows, void* row_lse, void* part_max,
                        void* part_sum, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
-  const dim3 grid(static_cast<unsigned>(blocks_for(rows, BM)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows, BM)));
   lse_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(x.a), static_cast<const T*>(x.b), x.m, x.d, static_cast<const A*>(x.ra),
       static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), row0, row0 + rows,
@@ -453,7 +452,7 @@ template <typename T, typename P>
 cudaError_t launch_bwd(const Operands& x, int64_t row0, int64_t rows, const void* row_lse, const void* g_row,
                        const void* col_lse, const void* g_col, void* p, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
-  const dim3 grid(static_cast<unsigned>(blocks_for(x.m, BN)), static_cast<unsigned>(blocks_for(rows, BM)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(x.m, BN)), static_cast<unsigned>(ceil_div(rows, BM)));
   lse_bwd_p_kernel<T, P><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(x.a), static_cast<const T*>(x.b), x.m, x.d, static_cast<const A*>(x.ra),
       static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), row0, row0 + rows,
@@ -466,7 +465,7 @@ template <typename T>
 cudaError_t launch_siglip_fwd(const Operands& x, const void* bias, bool positives, void* row_loss,
                               cudaStream_t stream) {
   using A = typename AccOf<T>::type;
-  const dim3 grid(static_cast<unsigned>(blocks_for(x.n, BM)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(x.n, BM)));
   siglip_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(x.a), static_cast<const T*>(x.b), x.n, x.m, x.d, static_cast<const A*>(x.ra),
       static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), static_cast<const A*>(bias), positives,
@@ -478,7 +477,7 @@ template <typename T, typename P>
 cudaError_t launch_siglip_bwd(const Operands& x, int64_t row0, int64_t rows, const void* bias, bool positives,
                               const void* g_row, void* p, void* part, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
-  const dim3 grid(static_cast<unsigned>(blocks_for(x.m, BN)), static_cast<unsigned>(blocks_for(rows, BM)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(x.m, BN)), static_cast<unsigned>(ceil_div(rows, BM)));
   siglip_bwd_p_kernel<T, P><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(x.a), static_cast<const T*>(x.b), x.m, x.d, static_cast<const A*>(x.ra),
       static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), static_cast<const A*>(bias), positives, row0,
@@ -489,7 +488,7 @@ cudaError_t launch_siglip_bwd(const Operands& x, int64_t row0, int64_t rows, con
 template <typename T>
 cudaError_t launch_similarity(const Operands& x, void* out, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
-  const dim3 grid(static_cast<unsigned>(blocks_for(x.m, BN)), static_cast<unsigned>(blocks_for(x.n, BM)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(x.m, BN)), static_cast<unsigned>(ceil_div(x.n, BM)));
   similarity_kernel<T><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(x.a), static_cast<const T*>(x.b), x.n, x.m, x.d, static_cast<const A*>(x.ra),
       static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), static_cast<T*>(out));
@@ -511,7 +510,7 @@ cudaError_t lse_fwd_band(const Operands& x, int64_t row0, int64_t rows, void* ro
 
 cudaError_t merge_col_stats(DType compute, const void* part_max, const void* part_sum, int64_t parts,
                             int64_t m, void* col_max, void* col_sum, cudaStream_t stream) {
-  const unsigned grid = static_cast<unsigned>(blocks_for(m, 256));
+  const unsigned grid = static_cast<unsigned>(ceil_div(m, 256));
   if (compute == DType::kDouble) {
     merge_col_stats_kernel<double><<<grid, 256, 0, stream>>>(
         static_cast<const double*>(part_max), static_cast<const double*>(part_sum), parts, m,

@@ -32,12 +32,15 @@ namespace {
 using at::Tensor;
 
 // torch >= 2.8 multiplies fp16/bf16 matrices into fp32 outputs on CUDA (mm's
-// out_dtype); before that, fp16/bf16 products go through fp32 copies.
+// out_dtype); before that, fp16/bf16 products go through fp32 copies. A macro
+// as well as a constant: older torch lacks that mm overload, so its call must
+// not be compiled there.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-constexpr bool kHalfGemmToFloat = true;
+#define MMKERNELS_HALF_GEMM_TO_FLOAT 1
 #else
-constexpr bool kHalfGemmToFloat = false;
+#define MMKERNELS_HALF_GEMM_TO_FLOAT 0
 #endif
+constexpr bool kHalfGemmToFloat = MMKERNELS_HALF_GEMM_TO_FLOAT;
 
 std::atomic<int64_t> g_band_rows{0};
 
@@ -90,7 +93,7 @@ void gemm_into(Tensor out, const Tensor& m1, const Tensor& m2, bool accumulate) 
     at::addmm_out(out, out, m1, m2, /*beta=*/accumulate ? 1 : 0, /*alpha=*/1);
     return;
   }
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#if MMKERNELS_HALF_GEMM_TO_FLOAT
   if (accumulate) {
     out.add_(at::mm(m1, m2, out.scalar_type()));
   } else {
@@ -128,7 +131,7 @@ std::tuple<Tensor, Tensor> backward_bands(const Tensor& a, const Tensor& b, bool
 }
 
 std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
-  check_pair("cpp_lse_fwd", a, b, scale);
+  check_lse_fwd(a, b, scale);
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
   const int64_t n = a.size(0), m = b.size(0);
@@ -148,12 +151,7 @@ std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tenso
 std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
                                    const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row,
                                    const Tensor& g_col) {
-  const char* op = "cpp_lse_bwd";
-  check_pair(op, a, b, scale);
-  check_vector(op, "row_lse", row_lse, a.size(0), a);
-  check_vector(op, "col_lse", col_lse, b.size(0), a);
-  check_vector(op, "g_row", g_row, a.size(0), a);
-  check_vector(op, "g_col", g_col, b.size(0), a);
+  check_lse_bwd(a, b, scale, row_lse, col_lse, g_row, g_col);
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
   const auto compute = compute_dtype(a.scalar_type());
@@ -168,11 +166,9 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
 
 Tensor siglip_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, bool normalize,
                      bool positives_on_diagonal) {
-  const char* op = "cpp_siglip_fwd";
-  check_pair(op, a, b, scale);
-  check_scalar(op, "bias", bias, a);
-  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= std::numeric_limits<int32_t>::max(), op, ": too many rows of a (",
-              a.size(0), ") for one grid");
+  check_siglip_fwd(a, b, scale, bias);
+  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= std::numeric_limits<int32_t>::max(),
+              "compiled_siglip_fwd: too many rows of a (", a.size(0), ") for one grid");
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
   const auto compute = compute_dtype(a.scalar_type());
@@ -186,10 +182,7 @@ Tensor siglip_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale, cons
 std::tuple<Tensor, Tensor, Tensor> siglip_bwd_op(const Tensor& a, const Tensor& b, const Tensor& scale,
                                                  const Tensor& bias, bool normalize, bool positives_on_diagonal,
                                                  const Tensor& g_row) {
-  const char* op = "cpp_siglip_bwd";
-  check_pair(op, a, b, scale);
-  check_scalar(op, "bias", bias, a);
-  check_vector(op, "g_row", g_row, a.size(0), a);
+  check_siglip_bwd(a, b, scale, bias, g_row);
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
   const int64_t n = a.size(0), m = b.size(0);
@@ -214,8 +207,8 @@ std::tuple<Tensor, Tensor, Tensor> siglip_bwd_op(const Tensor& a, const Tensor& 
 }
 
 Tensor similarity_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale) {
-  check_pair("cpp_similarity_fwd", a, b, scale);
-  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= kMaxGridY, "cpp_similarity_fwd: at most ",
+  check_similarity_fwd(a, b, scale);
+  TORCH_CHECK(ceil_div(a.size(0), kTileRows) <= kMaxGridY, "compiled_similarity_fwd: at most ",
               kMaxGridY * kTileRows, " rows of a on CUDA, got ", a.size(0));
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, /*normalize=*/true);
@@ -226,10 +219,7 @@ Tensor similarity_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale) 
 
 std::tuple<Tensor, Tensor> similarity_bwd_op(const Tensor& a, const Tensor& b, const Tensor& scale,
                                              const Tensor& grad) {
-  check_pair("cpp_similarity_bwd", a, b, scale);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == a.size(0) && grad.size(1) == b.size(0),
-              "cpp_similarity_bwd: grad must have shape (", a.size(0), ", ", b.size(0), "), got ",
-              grad.sizes());
+  check_similarity_bwd(a, b, scale, grad);
   const c10::cuda::CUDAGuard guard(a.device());
   const auto compute = compute_dtype(a.scalar_type());
   // fp16/bf16: the upstream gradient multiplies the normalized operands in its
@@ -249,12 +239,12 @@ std::tuple<Tensor, Tensor> similarity_bwd_op(const Tensor& a, const Tensor& b, c
 int64_t set_band_rows(int64_t rows) { return g_band_rows.exchange(rows); }
 
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
-  m.impl("cpp_lse_fwd", &lse_fwd);
-  m.impl("cpp_lse_bwd", &lse_bwd);
-  m.impl("cpp_siglip_fwd", &siglip_fwd_op);
-  m.impl("cpp_siglip_bwd", &siglip_bwd_op);
-  m.impl("cpp_similarity_fwd", &similarity_fwd_op);
-  m.impl("cpp_similarity_bwd", &similarity_bwd_op);
+  m.impl("compiled_lse_fwd", &lse_fwd);
+  m.impl("compiled_lse_bwd", &lse_bwd);
+  m.impl("compiled_siglip_fwd", &siglip_fwd_op);
+  m.impl("compiled_siglip_bwd", &siglip_bwd_op);
+  m.impl("compiled_similarity_fwd", &similarity_fwd_op);
+  m.impl("compiled_similarity_bwd", &similarity_bwd_op);
 }
 
 }  // namespace mmkernels::cuda
