@@ -39,7 +39,7 @@ SMEM = re.compile(r"(?P<smem>\d+) bytes smem")
 
 def ptxas_report(arch: str) -> str:
     """ptxas's -v output for kernels.cu on sm_<arch>, cached by source hash."""
-    source = lane.KERNELS.read_bytes() + (lane.KERNELS.parent / "launch.h").read_bytes()
+    source = lane.KERNELS.read_bytes() + b"".join(path.read_bytes() for path in lane.HEADERS)
     version = subprocess.run([str(nvcc()), "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(source + version.encode() + arch.encode()).hexdigest()[:16]
     cached = lane.cache_dir() / f"ptxas-sm{arch}-{key}.log"

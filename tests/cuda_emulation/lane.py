@@ -19,7 +19,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 KERNELS = ROOT / "csrc" / "cuda" / "kernels.cu"
-HEADERS = [ROOT / "csrc" / "cuda" / "launch.h", ROOT / "csrc" / "cuda" / "bands.h"]
+# Every header kernels.cu, bands.h and the driver include from csrc/ (the cache key).
+HEADERS = [ROOT / "csrc" / "cuda" / "launch.h", ROOT / "csrc" / "cuda" / "bands.h",
+           ROOT / "csrc" / "int_math.h"]
 EMULATION = sorted(HERE.glob("*.h")) + sorted((HERE / "include").glob("*.h")) + [HERE / "driver.cpp"]
 
 # The sanitizer variants: flags at build time, options at run time (a report
