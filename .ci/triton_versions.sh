@@ -5,7 +5,7 @@
 #      (tests/triton_aot.py --all-configs; no GPU needed), 0 failures, spills listed;
 #   2. the interpreter lane (tests/test_triton_lane.py, TRITON_INTERPRET=1), unless
 #      MMKERNELS_CI_LANE_DONE names this version: .ci/run sets it to the Triton of the
-#      main venv, whose `make test` has just run the same lane, and sets
+#      main venv, whose `make test` runs the same lane, and sets
 #      MMKERNELS_CI_MAIN_PYTHON to that venv's python, which then compiles that
 #      version's kernels itself (no second venv for the same Triton).
 # The venvs are kept under $MMKERNELS_CI_CACHE (default ~/.cache/mmkernels-ci), one per
