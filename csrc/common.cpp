@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+
 namespace mmkernels {
 
 at::ScalarType compute_dtype(at::ScalarType dtype) {
@@ -41,7 +43,65 @@ void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t
               t.device());
 }
 
+// The backward's inputs of size N (row_lse, g_row) and M (col_lse, g_col).
+void check_statistics(const char* op, const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_lse,
+                      const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col) {
+  check_vector(op, "row_lse", row_lse, a.size(0), a);
+  check_vector(op, "col_lse", col_lse, b.size(0), a);
+  check_vector(op, "g_row", g_row, a.size(0), a);
+  check_vector(op, "g_col", g_col, b.size(0), a);
+}
+
+// An optional rule tensor: `numel` elements of `dtype`, contiguous, on a's device.
+void check_rule(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t numel,
+                at::ScalarType dtype, const at::Tensor& a) {
+  if (!t.has_value()) return;
+  check_vector(op, name, *t, numel, a);
+  TORCH_CHECK(t->scalar_type() == dtype && t->is_contiguous(), op, ": ", name, " must be a contiguous ",
+              dtype, " tensor, got ", t->scalar_type());
+}
+
+void check_exclusions(const char* op, const at::Tensor& a, const at::Tensor& b, const Exclusions& rules) {
+  const int64_t n = a.size(0), m = b.size(0);
+  const at::ScalarType dtype = compute_dtype(a.scalar_type());
+  check_rule(op, "positives", rules.positives, n, at::kLong, a);
+  TORCH_CHECK(rules.row_groups.has_value() == rules.col_groups.has_value(), op,
+              ": row_groups and col_groups go together");
+  check_rule(op, "row_groups", rules.row_groups, n, at::kLong, a);
+  check_rule(op, "col_groups", rules.col_groups, m, at::kLong, a);
+  check_rule(op, "row_threshold", rules.row_threshold, n, dtype, a);
+  check_rule(op, "col_threshold", rules.col_threshold, m, dtype, a);
+}
+
+std::atomic<int64_t> g_products[3];
+
 }  // namespace
+
+void check_masked_lse_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                          const Exclusions& rules) {
+  const char* op = "compiled_masked_lse_fwd";
+  check_pair(op, a, b, scale);
+  check_exclusions(op, a, b, rules);
+}
+
+void check_masked_lse_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                          const Exclusions& rules, const at::Tensor& row_lse, const at::Tensor& col_lse,
+                          const at::Tensor& g_row, const at::Tensor& g_col) {
+  const char* op = "compiled_masked_lse_bwd";
+  check_pair(op, a, b, scale);
+  check_exclusions(op, a, b, rules);
+  check_statistics(op, a, b, row_lse, col_lse, g_row, g_col);
+}
+
+void count_products(bool s, bool pb, bool pa) {
+  g_products[0] += s;
+  g_products[1] += pb;
+  g_products[2] += pa;
+}
+
+std::array<int64_t, 3> products_computed() {
+  return {g_products[0].load(), g_products[1].load(), g_products[2].load()};
+}
 
 void check_lse_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
   check_pair("compiled_lse_fwd", a, b, scale);
@@ -51,10 +111,7 @@ void check_lse_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& s
                    const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col) {
   const char* op = "compiled_lse_bwd";
   check_pair(op, a, b, scale);
-  check_vector(op, "row_lse", row_lse, a.size(0), a);
-  check_vector(op, "col_lse", col_lse, b.size(0), a);
-  check_vector(op, "g_row", g_row, a.size(0), a);
-  check_vector(op, "g_col", g_col, b.size(0), a);
+  check_statistics(op, a, b, row_lse, col_lse, g_row, g_col);
 }
 
 void check_siglip_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias) {

@@ -5,6 +5,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
+#include <cstdint>
+#include <optional>
+
 namespace mmkernels {
 
 // F.normalize's eps: rows with a smaller norm are divided by it instead.
@@ -26,6 +30,30 @@ void check_siglip_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor
 // bias as the forward's; g_row (N,) on a's device.
 void check_siglip_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
                       const at::Tensor& g_row);
+// The exclusion rules of the masked primitive (mmkernels/ops/masked_logsumexp.py):
+// positives (N,) int64; row_groups (N,) and col_groups (M,) int64, both or
+// neither; row_threshold (N,) and col_threshold (M,) in the compute dtype; all
+// contiguous on a's device.
+struct Exclusions {
+  bool exclude_diagonal;
+  const at::Tensor& positives;
+  const std::optional<at::Tensor>& row_groups;
+  const std::optional<at::Tensor>& col_groups;
+  const std::optional<at::Tensor>& row_threshold;
+  const std::optional<at::Tensor>& col_threshold;
+};
+void check_masked_lse_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                          const Exclusions& rules);
+// Adds the backward's statistics and upstream gradients, as check_lse_bwd.
+void check_masked_lse_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                          const Exclusions& rules, const at::Tensor& row_lse, const at::Tensor& col_lse,
+                          const at::Tensor& g_row, const at::Tensor& g_col);
+
+// The N x M x D products the masked backward kernels computed, counted per call
+// on the host: {S, pb, pa}. How a test sees that a frozen side costs no product.
+void count_products(bool s, bool pb, bool pa);
+std::array<int64_t, 3> products_computed();
+
 void check_similarity_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale);
 // grad: (N, M).
 void check_similarity_bwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,

@@ -2,13 +2,15 @@
 // the Python module object, whose import registers the kernels of csrc/cpu
 // (and csrc/cuda when built with them) with the dispatcher.
 //
-// Op contract: mmkernels/ops/logsumexp.py (primitive), siglip.py and similarity.py.
+// Op contract: mmkernels/ops/logsumexp.py (primitive), masked_logsumexp.py (the
+// primitive with exclusions), siglip.py and similarity.py.
 // Autograd formulas and fake kernels are attached in Python
 // (mmkernels/compiled.py); one op serves the cpu and cuda backends, dispatched
 // on the tensors' device.
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "cpu/kernels.h"
 #include "cpu/tile_ops.h"
 #ifdef MMKERNELS_WITH_CUDA
@@ -20,6 +22,16 @@ TORCH_LIBRARY_FRAGMENT(mmkernels, m) {
   m.def(
       "compiled_lse_bwd(Tensor a, Tensor b, Tensor scale, bool normalize, Tensor row_lse, "
       "Tensor col_lse, Tensor g_row, Tensor g_col) -> (Tensor, Tensor)");
+  // The primitive with exclusions and a frozen side (mmkernels/ops/masked_logsumexp.py).
+  m.def(
+      "compiled_masked_lse_fwd(Tensor a, Tensor b, Tensor scale, bool normalize, bool exclude_diagonal, "
+      "Tensor positives, Tensor? row_groups, Tensor? col_groups, Tensor? row_threshold, "
+      "Tensor? col_threshold) -> (Tensor, Tensor)");
+  m.def(
+      "compiled_masked_lse_bwd(Tensor a, Tensor b, Tensor scale, bool normalize, bool exclude_diagonal, "
+      "Tensor positives, Tensor? row_groups, Tensor? col_groups, Tensor? row_threshold, "
+      "Tensor? col_threshold, Tensor row_lse, Tensor col_lse, Tensor g_row, Tensor g_col, "
+      "bool compute_pb, bool compute_pa) -> (Tensor, Tensor)");
   m.def(
       "compiled_siglip_fwd(Tensor a, Tensor b, Tensor scale, Tensor bias, bool normalize, "
       "bool positives_on_diagonal) -> Tensor");
@@ -65,6 +77,12 @@ PyObject* set_cpu_tile_shape(PyObject*, PyObject* args) {
   return Py_BuildValue("(LL)", static_cast<long long>(old.rows), static_cast<long long>(old.cols));
 }
 
+PyObject* products_computed(PyObject*, PyObject*) {
+  const auto counts = mmkernels::products_computed();
+  return Py_BuildValue("(LLL)", static_cast<long long>(counts[0]), static_cast<long long>(counts[1]),
+                       static_cast<long long>(counts[2]));
+}
+
 #ifdef MMKERNELS_WITH_CUDA
 PyObject* set_cuda_band_rows(PyObject*, PyObject* arg) {
   const long long rows = PyLong_AsLongLong(arg);
@@ -79,6 +97,8 @@ PyMethodDef kMethods[] = {
     {"set_cpu_isa", set_cpu_isa, METH_O, "Use the float CPU tile kernels of this instruction set (tests)."},
     {"set_cpu_tile_shape", set_cpu_tile_shape, METH_VARARGS,
      "Set the CPU kernels' tile edges (rows, cols); returns the previous ones (tests)."},
+    {"products_computed", products_computed, METH_NOARGS,
+     "(S, pb, pa): N x M x D products the masked backward kernels computed so far (tests)."},
 #ifdef MMKERNELS_WITH_CUDA
     {"set_cuda_band_rows", set_cuda_band_rows, METH_O,
      "Rows of S per band of the CUDA kernels (0: from the memory budget); returns the previous value."},
