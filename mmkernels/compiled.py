@@ -15,6 +15,9 @@ op                           contract
 ===========================  ========================================================
 ``compiled_lse_fwd``         ``(a, b, scale, normalize) -> (row_lse, col_lse)``
 ``compiled_lse_bwd``         ``(a, b, scale, normalize, row_lse, col_lse, g_row, g_col) -> (pb, pa)``
+``compiled_masked_lse_fwd``  ``(a, b, scale, normalize, <the six rules>) -> (row_lse, col_lse)`` (cpu)
+``compiled_masked_lse_bwd``  ``(a, b, scale, normalize, <the six rules>, row_lse, col_lse, g_row, g_col,
+                             compute_pb, compute_pa) -> (pb, pa)`` (cpu)
 ``compiled_siglip_fwd``      ``(a, b, scale, bias, normalize, positives_on_diagonal) -> row``
 ``compiled_siglip_bwd``      ``(a, b, scale, bias, normalize, positives_on_diagonal, g_row) -> (pb, pa, p_row)``
 ``compiled_similarity_fwd``  ``(a, b, scale) -> S`` (input dtype)
@@ -35,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from mmkernels import _extension
-from mmkernels.ops import logsumexp, siglip, similarity
+from mmkernels.ops import logsumexp, masked_logsumexp, siglip, similarity
 
 if not (_extension.cpu_built() or _extension.cuda_built()):
     raise ImportError(_extension.why_unavailable() or "mmkernels._C holds no kernels")
@@ -47,12 +50,22 @@ siglip_fwd = _ops.compiled_siglip_fwd.default
 siglip_bwd = _ops.compiled_siglip_bwd.default
 similarity_fwd = _ops.compiled_similarity_fwd.default
 similarity_bwd = _ops.compiled_similarity_bwd.default
+masked_lse_fwd = _ops.compiled_masked_lse_fwd.default
+masked_lse_bwd = _ops.compiled_masked_lse_bwd.default
 
 # One op pair serves both names, dispatched on the tensors' device.
 BACKENDS = ("cpu", "cuda")
 logsumexp.KERNELS.register(BACKENDS, lse_fwd, lse_bwd)
 siglip.KERNELS.register(BACKENDS, siglip_fwd, siglip_bwd)
 similarity.KERNELS.register(BACKENDS, similarity_fwd, similarity_bwd)
+# The masked primitive has CPU kernels only, so far.
+masked_logsumexp.KERNELS.register("cpu", masked_lse_fwd, masked_lse_bwd)
+
+
+def products_computed() -> tuple[int, int, int]:
+    """(S, pb, pa): how many N x M x D products the masked backward kernels have
+    computed in this process (a test hook: a frozen side computes no pb or pa)."""
+    return _extension._C.products_computed()
 
 
 def cpu_isa() -> str:

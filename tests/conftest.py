@@ -50,6 +50,15 @@ def small_tiles(monkeypatch):
         yield
 
 
+@pytest.fixture(params=_extension._C.cpu_isas() if _extension.cpu_built() else [])
+def isa(request):
+    """Each instruction set of the C++ float tile kernels that this CPU runs."""
+    previous = _extension._C.cpu_isa()
+    _extension._C.set_cpu_isa(request.param)
+    yield request.param
+    _extension._C.set_cpu_isa(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -104,15 +104,6 @@ def cpu_tiles():
     _extension._C.set_cpu_tile_shape(*previous)
 
 
-@pytest.fixture(params=_extension._C.cpu_isas() if _extension.cpu_built() else [])
-def isa(request):
-    """Each instruction set of the float tile kernels that this CPU runs."""
-    previous = _extension._C.cpu_isa()
-    _extension._C.set_cpu_isa(request.param)
-    yield request.param
-    _extension._C.set_cpu_isa(previous)
-
-
 def _lse(normalize):
     return (lambda a, b, s: mmkernels.similarity_logsumexp(a, b, s, normalize=normalize, backend="cpu"),
             lambda a, b, s: reference.logsumexp(a, b, s, normalize=normalize))

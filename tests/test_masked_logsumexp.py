@@ -7,6 +7,7 @@ import torch
 
 import mmkernels
 from conftest import backends_under_test
+from mmkernels import _extension
 from mmkernels.ops import masked_logsumexp
 from tolerances import assert_matches, fp32_logit_rtol
 
@@ -120,6 +121,17 @@ def test_each_rule_and_all_together(backend, small_tiles, rule, n, m, d):
     check(backend, a, b, scale, normalize=True, **rules)
 
 
+@pytest.mark.skipif(not _extension.cpu_built(), reason="needs the C++ CPU kernels")
+@pytest.mark.parametrize("rule", ["groups", "all"])
+@pytest.mark.parametrize("n,m,d", [(9, 17, 5), (20, 45, 6)])
+def test_every_cpu_instruction_set(isa, small_tiles, rule, n, m, d):
+    """The C++ tile kernels' SIMD and portable exclusion masks, at vector and tile edges."""
+    a, b = features(n, m, d, seed=3)
+    scale = torch.tensor(4.0)
+    check("cpu", a, b, scale, normalize=True, **rule_sets(n, m, a, b, scale)[rule])
+    check_large_scale_unnormalized("cpu")
+
+
 @pytest.mark.parametrize("backend", MASKED_BACKENDS)
 def test_rectangular_with_positives_and_rows_without_one(backend, small_tiles):
     n, m = 10, 27  # InfoNCE with hard negatives: row i's positive somewhere in b
@@ -181,6 +193,10 @@ def test_dtypes(backend, small_tiles, dtype):
 
 @pytest.mark.parametrize("backend", MASKED_BACKENDS)
 def test_large_scale_unnormalized(backend, small_tiles):
+    check_large_scale_unnormalized(backend)
+
+
+def check_large_scale_unnormalized(backend):
     a = torch.randn(20, 12) * torch.linspace(0.05, 5, 20).unsqueeze(1)
     b = torch.randn(30, 12) * 2
     scale = torch.tensor(100.0)
@@ -267,13 +283,25 @@ def test_frozen_side_gradients_equal_the_full_backward(backend, small_tiles, tra
                         torch.autograd.grad(total, leaves)))
 
     full = grads("a+b+scale")
-    masked_logsumexp.PRODUCTS_COMPUTED.clear()
+    before = products_computed(backend)
     frozen = grads(trainable)
     for name, grad in frozen.items():
         torch.testing.assert_close(grad, full[name], rtol=1e-5, atol=1e-6, msg=name)
-    if backend == "torch":  # 3 products instead of 4 unless both sides train
+    if before is not None:  # 3 products instead of 4 unless both sides train
         want = {"S": 1, "pb": int("a" in trainable or trainable == "scale"), "pa": int("b" in trainable)}
-        assert dict(masked_logsumexp.PRODUCTS_COMPUTED) == {k: v for k, v in want.items() if v}
+        after = products_computed(backend)
+        assert {k: after[k] - before[k] for k in want} == want
+
+
+def products_computed(backend):
+    """The backward's product counts so far ({"S", "pb", "pa"}) on backends that keep
+    them; None on the reference (plain autograd)."""
+    if backend == "cpu":
+        from mmkernels import compiled
+        return dict(zip(("S", "pb", "pa"), compiled.products_computed()))
+    if backend == "naive":
+        return None
+    return {k: masked_logsumexp.PRODUCTS_COMPUTED[k] for k in ("S", "pb", "pa")}
 
 
 # --- dispatch ---------------------------------------------------------------------
@@ -297,13 +325,12 @@ def test_auto_picks_a_backend_with_masked_kernels(monkeypatch):
         torch.testing.assert_close(x, y)
 
 
-@pytest.mark.parametrize("backend", [n for n in mmkernels.available_backends("cpu")
-                                     if n not in MASKED_BACKENDS and n != "triton"])
-def test_a_backend_without_masked_kernels_refuses(backend):
+def test_a_backend_without_masked_kernels_refuses(monkeypatch):
+    monkeypatch.delitem(masked_logsumexp.KERNELS._pairs, "cpu", raising=False)
     a, b = features(4, 4, 3)
-    with pytest.raises(RuntimeError, match=f"backend '{backend}' has no kernels for "
-                                           f"similarity_logsumexp with exclusions"):
-        mmkernels.similarity_logsumexp(a, b, row_threshold=torch.zeros(4), backend=backend)
+    with pytest.raises(RuntimeError, match="backend 'cpu' has no kernels for "
+                                           "similarity_logsumexp with exclusions"):
+        mmkernels.similarity_logsumexp(a, b, row_threshold=torch.zeros(4), backend="cpu")
 
 
 # --- errors, raised before any kernel, naming the argument -------------------------

@@ -1,7 +1,8 @@
 // The C++ CPU kernels: the primitive (row and column logsumexp of S, forward
-// and backward), SigLIP's sigmoid loss and normalized_similarity, registered
-// for the CPU dispatch key. Maths and the kernel contracts:
-// mmkernels/ops/logsumexp.py, siglip.py and similarity.py.
+// and backward), the primitive with exclusions and a frozen side, SigLIP's
+// sigmoid loss and normalized_similarity, registered for the CPU dispatch key.
+// Maths and the kernel contracts: mmkernels/ops/logsumexp.py,
+// masked_logsumexp.py, siglip.py and similarity.py.
 //
 // Schedule (primitive). S is cut into tiles of `tm` rows of A by `tn` rows of
 // B; the row tiles are split into one contiguous chunk per thread
@@ -15,7 +16,11 @@
 //   backward  softmax_grad turns S into P in place; then pb_i += P @ B_j
 //             (rows owned by the thread) and pa_j += P^T @ A_i into a
 //             per-thread (tn, D) partial, summed after each column tile:
-//             3 tile products, 2 exps per logit.
+//             3 tile products, 2 exps per logit (2 with a frozen side: only
+//             the product of the side that trains).
+//   masked    the same schedules; the tile kernels see an excluded entry as
+//             -inf in the statistic it leaves (tile_ops.h): a compare or two
+//             per logit and O(tile) loads of the rules.
 //
 // 4 GEMM-equivalents in all, extra memory O(threads * (tm * tn + tn * D + M)).
 //
@@ -32,6 +37,8 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <optional>
+#include <tuple>
 
 #include "../common.h"
 #include "../int_math.h"
@@ -112,41 +119,68 @@ void forward_tiles(const Schedule& sched, const Tensor& ah, const Tensor& bh, do
 // Backward schedule: column tile by column tile, every tile S is computed,
 // to_p(i0, j0, s) overwrites it with P (contiguous, rows x cols), then
 // pb_i (+)= P @ B_j (rows owned by the thread) and pa_j (+)= P^T @ A_i into a
-// per-thread partial, summed after the column tile. pb and pa: (N, D), (M, D).
+// per-thread partial, summed after the column tile. pb and pa: (N, D), (M, D);
+// a product not wanted (`compute_pb`, `compute_pa` false: a frozen side) is
+// not computed, and its tensor is not touched.
 template <typename ToP>
 void backward_tiles(const Schedule& sched, const Tensor& ah, const Tensor& bh, double scale, Tensor& pb,
-                    Tensor& pa, ToP&& to_p) {
+                    Tensor& pa, ToP&& to_p, bool compute_pb = true, bool compute_pa = true) {
   Tensor tiles = at::empty({sched.chunks, sched.tm * sched.tn}, ah.options());
   // Chunk 0 accumulates straight into pa; the others into their own partial.
-  Tensor partials = at::empty({sched.chunks - 1, sched.tn, ah.size(1)}, ah.options());
+  Tensor partials = at::empty({compute_pa ? sched.chunks - 1 : 0, sched.tn, ah.size(1)}, ah.options());
   const at::ThreadLocalState state;
   for (int64_t j0 = 0; j0 < sched.m; j0 += sched.tn) {
     const int64_t cols = std::min(sched.tn, sched.m - j0);
     const Tensor b_j = bh.narrow(0, j0, cols);
-    Tensor pa_j = pa.narrow(0, j0, cols);
+    Tensor pa_j = compute_pa ? pa.narrow(0, j0, cols) : pa;
     at::parallel_for(0, sched.chunks, 1, [&](int64_t c0, int64_t c1) {
       at::ThreadLocalStateGuard guard(state);
       for (int64_t c = c0; c < c1; ++c) {
         const auto [r0, r1] = sched.rows_of(c);
-        Tensor pa_c = c == 0 ? pa_j : partials[c - 1].narrow(0, 0, cols);
+        Tensor pa_c = c == 0 || !compute_pa ? pa_j : partials[c - 1].narrow(0, 0, cols);
         for (int64_t i0 = r0; i0 < r1; i0 += sched.tm) {
           const int64_t rows = std::min(sched.tm, r1 - i0);
           const Tensor a_i = ah.narrow(0, i0, rows);
           Tensor p = tile_view(tiles[c], rows, cols);
           at::addmm_out(p, p, a_i, b_j.t(), /*beta=*/0, /*alpha=*/scale);
           to_p(i0, j0, p);
-          Tensor pb_i = pb.narrow(0, i0, rows);
-          at::addmm_out(pb_i, pb_i, p, b_j, /*beta=*/j0 == 0 ? 0 : 1, /*alpha=*/1);
-          at::addmm_out(pa_c, pa_c, p.t(), a_i, /*beta=*/i0 == r0 ? 0 : 1, /*alpha=*/1);
+          if (compute_pb) {
+            Tensor pb_i = pb.narrow(0, i0, rows);
+            at::addmm_out(pb_i, pb_i, p, b_j, /*beta=*/j0 == 0 ? 0 : 1, /*alpha=*/1);
+          }
+          if (compute_pa) at::addmm_out(pa_c, pa_c, p.t(), a_i, /*beta=*/i0 == r0 ? 0 : 1, /*alpha=*/1);
         }
       }
     });
-    for (int64_t c = 1; c < sched.chunks; ++c) pa_j.add_(partials[c - 1].narrow(0, 0, cols));
+    if (compute_pa) {
+      for (int64_t c = 1; c < sched.chunks; ++c) pa_j.add_(partials[c - 1].narrow(0, 0, cols));
+    }
   }
 }
 
+// The exclusion rules of a masked call, ready for the tile kernels: pointers
+// into tensors in the compute dtype (groups renumbered, see dense_groups) that
+// `at(i0, j0)` offsets to one tile. Null pointers: rule off.
 template <typename T>
-void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, Tensor& row_lse, Tensor& col_lse) {
+struct TileRules {
+  bool exclude_diagonal = false;
+  const int64_t* positives = nullptr;
+  const T* row_groups = nullptr;
+  const T* col_groups = nullptr;
+  const T* row_threshold = nullptr;
+  const T* col_threshold = nullptr;
+
+  TileExclusions<T> at(int64_t i0, int64_t j0) const {
+    auto shift = [](const T* p, int64_t k) { return p ? p + k : nullptr; };
+    return {exclude_diagonal,        i0 - j0, positives + i0, j0, shift(row_groups, i0), shift(col_groups, j0),
+            shift(row_threshold, i0), shift(col_threshold, j0)};
+  }
+};
+
+// `rules` null: the unmasked primitive.
+template <typename T>
+void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileRules<T>* rules, Tensor& row_lse,
+                  Tensor& col_lse) {
   const int64_t n = ah.size(0), m = bh.size(0);
   const Schedule sched(n, m);
   const auto opts = ah.options();
@@ -161,8 +195,14 @@ void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, Tensor& row_
   T* csum = col_sum.data_ptr<T>();
   T* scratch = work.data_ptr<T>();
   forward_tiles(sched, ah, bh, scale, [&](int64_t c, int64_t i0, int64_t j0, const Tensor& s) {
-    ops.fold_stats(s.data_ptr<T>(), s.size(0), s.size(1), s.size(1), rmax + i0, rsum + i0, cmax + c * m + j0,
-                   csum + c * m + j0, scratch + c * (sched.tm + sched.tn));
+    T* work_c = scratch + c * (sched.tm + sched.tn);
+    if (rules == nullptr) {
+      ops.fold_stats(s.data_ptr<T>(), s.size(0), s.size(1), s.size(1), rmax + i0, rsum + i0, cmax + c * m + j0,
+                     csum + c * m + j0, work_c);
+    } else {
+      ops.fold_stats_masked(s.data_ptr<T>(), s.size(0), s.size(1), s.size(1), rmax + i0, rsum + i0,
+                            cmax + c * m + j0, csum + c * m + j0, work_c, rules->at(i0, j0));
+    }
   });
 
   at::add_out(row_lse, row_max, row_sum.log());
@@ -173,18 +213,27 @@ void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, Tensor& row_
   at::add_out(col_lse, shift, total.log());
 }
 
+// `rules` null: the unmasked primitive; else row_lse and col_lse are shifts
+// (tile_ops.h softmax_grad_masked).
 template <typename T>
-void lse_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, const Tensor& row_lse,
-                  const Tensor& col_lse, const Tensor& g_row, const Tensor& g_col, Tensor& pb, Tensor& pa) {
+void lse_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileRules<T>* rules,
+                  const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row, const Tensor& g_col,
+                  Tensor& pb, Tensor& pa, bool compute_pb = true, bool compute_pa = true) {
   const Schedule sched(ah.size(0), bh.size(0));
   const TileOps<T>& ops = tile_ops<T>();
   const T* rl = row_lse.data_ptr<T>();
   const T* gr = g_row.data_ptr<T>();
   const T* cl = col_lse.data_ptr<T>();
   const T* gc = g_col.data_ptr<T>();
-  backward_tiles(sched, ah, bh, scale, pb, pa, [&](int64_t i0, int64_t j0, Tensor& p) {
-    ops.softmax_grad(p.data_ptr<T>(), p.size(0), p.size(1), p.size(1), rl + i0, gr + i0, cl + j0, gc + j0);
-  });
+  auto to_p = [&](int64_t i0, int64_t j0, Tensor& p) {
+    if (rules == nullptr) {
+      ops.softmax_grad(p.data_ptr<T>(), p.size(0), p.size(1), p.size(1), rl + i0, gr + i0, cl + j0, gc + j0);
+    } else {
+      ops.softmax_grad_masked(p.data_ptr<T>(), p.size(0), p.size(1), p.size(1), rl + i0, gr + i0, cl + j0,
+                              gc + j0, rules->at(i0, j0));
+    }
+  };
+  backward_tiles(sched, ah, bh, scale, pb, pa, to_p, compute_pb, compute_pa);
 }
 
 template <typename T>
@@ -220,7 +269,7 @@ std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tenso
   Tensor row_lse = at::empty({a.size(0)}, ah.options());
   Tensor col_lse = at::empty({b.size(0)}, ah.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_lse_fwd", [&] {
-    lse_fwd_impl<scalar_t>(ah, bh, alpha, row_lse, col_lse);
+    lse_fwd_impl<scalar_t>(ah, bh, alpha, nullptr, row_lse, col_lse);
   });
   return {row_lse, col_lse};
 }
@@ -235,7 +284,96 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
   auto vec = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
   Tensor pb = at::empty_like(ah), pa = at::empty_like(bh);
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_lse_bwd", [&] {
-    lse_bwd_impl<scalar_t>(ah, bh, alpha, vec(row_lse), vec(col_lse), vec(g_row), vec(g_col), pb, pa);
+    lse_bwd_impl<scalar_t>(ah, bh, alpha, nullptr, vec(row_lse), vec(col_lse), vec(g_row), vec(g_col), pb, pa);
+  });
+  return {pb, pa};
+}
+
+// --- the masked primitive ------------------------------------------------------
+
+using OptionalTensor = std::optional<Tensor>;
+
+// Group ids renumbered 0, 1, ... over rows and columns together, as values of
+// `dtype`: the tile kernels compare them in float lanes, exact below 2^24 ids.
+std::pair<Tensor, Tensor> dense_groups(const Tensor& row_groups, const Tensor& col_groups, at::ScalarType dtype) {
+  const auto [unique, inverse, counts] =
+      at::_unique2(at::cat({row_groups, col_groups}), /*sorted=*/false, /*return_inverse=*/true);
+  TORCH_CHECK(dtype == at::kDouble || unique.numel() <= (int64_t{1} << 24),
+              "compiled_masked_lse: more than 2^24 distinct groups in row_groups and col_groups");
+  const Tensor ids = inverse.to(dtype);
+  return {ids.narrow(0, 0, row_groups.size(0)), ids.narrow(0, row_groups.size(0), col_groups.size(0))};
+}
+
+// The tensors a masked call's TileRules point into, kept alive for the call.
+struct PreparedRules {
+  Exclusions rules;
+  Tensor row_groups, col_groups;
+
+  PreparedRules(const Exclusions& r, at::ScalarType dtype) : rules(r) {
+    if (r.row_groups.has_value()) std::tie(row_groups, col_groups) = dense_groups(*r.row_groups, *r.col_groups, dtype);
+  }
+
+  template <typename T>
+  TileRules<T> tile_rules() const {
+    auto data = [](const OptionalTensor& t) { return t.has_value() ? t->data_ptr<T>() : nullptr; };
+    TileRules<T> out;
+    out.exclude_diagonal = rules.exclude_diagonal;
+    out.positives = rules.positives.data_ptr<int64_t>();
+    out.row_groups = row_groups.defined() ? row_groups.data_ptr<T>() : nullptr;
+    out.col_groups = col_groups.defined() ? col_groups.data_ptr<T>() : nullptr;
+    out.row_threshold = data(rules.row_threshold);
+    out.col_threshold = data(rules.col_threshold);
+    return out;
+  }
+};
+
+// A logsumexp as the shift of exp(S - lse): 0 where it is -inf (every entry of
+// the row or column excluded, so every exp there is of -inf and must stay 0).
+Tensor as_shift(const Tensor& lse, at::ScalarType dtype) {
+  const Tensor x = lse.to(dtype);
+  return at::where(x == -std::numeric_limits<double>::infinity(), at::zeros_like(x), x).contiguous();
+}
+
+std::tuple<Tensor, Tensor> masked_lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
+                                          bool exclude_diagonal, const Tensor& positives,
+                                          const OptionalTensor& row_groups, const OptionalTensor& col_groups,
+                                          const OptionalTensor& row_threshold, const OptionalTensor& col_threshold) {
+  const Exclusions rules{exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold};
+  check_masked_lse_fwd(a, b, scale, rules);
+  const auto dtype = compute_dtype(a.scalar_type());
+  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const double alpha = scale.item<double>();
+  const PreparedRules prepared(rules, dtype);
+  Tensor row_lse = at::empty({a.size(0)}, ah.options());
+  Tensor col_lse = at::empty({b.size(0)}, ah.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_masked_lse_fwd", [&] {
+    const TileRules<scalar_t> tile_rules = prepared.tile_rules<scalar_t>();
+    lse_fwd_impl<scalar_t>(ah, bh, alpha, &tile_rules, row_lse, col_lse);
+  });
+  return {row_lse, col_lse};
+}
+
+std::tuple<Tensor, Tensor> masked_lse_bwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
+                                          bool exclude_diagonal, const Tensor& positives,
+                                          const OptionalTensor& row_groups, const OptionalTensor& col_groups,
+                                          const OptionalTensor& row_threshold, const OptionalTensor& col_threshold,
+                                          const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row,
+                                          const Tensor& g_col, bool compute_pb, bool compute_pa) {
+  const Exclusions rules{exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold};
+  check_masked_lse_bwd(a, b, scale, rules, row_lse, col_lse, g_row, g_col);
+  const auto dtype = compute_dtype(a.scalar_type());
+  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const double alpha = scale.item<double>();
+  const PreparedRules prepared(rules, dtype);
+  auto vec = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
+  Tensor pb = compute_pb ? at::empty_like(ah) : at::empty({0}, ah.options());
+  Tensor pa = compute_pa ? at::empty_like(bh) : at::empty({0}, ah.options());
+  if (!compute_pb && !compute_pa) return {pb, pa};
+  count_products(true, compute_pb, compute_pa);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_masked_lse_bwd", [&] {
+    const TileRules<scalar_t> tile_rules = prepared.tile_rules<scalar_t>();
+    lse_bwd_impl<scalar_t>(ah, bh, alpha, &tile_rules, as_shift(row_lse, dtype), as_shift(col_lse, dtype),
+                           vec(g_row), vec(g_col), pb, pa, compute_pb, compute_pa);
   });
   return {pb, pa};
 }
@@ -313,6 +451,8 @@ TileShape set_tile_shape(TileShape shape) {
 TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
   m.impl("compiled_lse_fwd", &lse_fwd);
   m.impl("compiled_lse_bwd", &lse_bwd);
+  m.impl("compiled_masked_lse_fwd", &masked_lse_fwd);
+  m.impl("compiled_masked_lse_bwd", &masked_lse_bwd);
   m.impl("compiled_siglip_fwd", &siglip_fwd);
   m.impl("compiled_siglip_bwd", &siglip_bwd);
   m.impl("compiled_similarity_fwd", &similarity_fwd);

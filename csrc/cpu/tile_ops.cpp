@@ -27,19 +27,49 @@ void rescale_running(T* max, T* sum, T* tile_max, int64_t count) {
   }
 }
 
+// What each statistic sees of logit x at tile row r, column c: x, or -inf
+// where the entry leaves it (tile_ops_simd.inc has the vector version).
+struct NoExclusions {
+  template <typename T>
+  void split(int64_t, int64_t, T x, T& x_row, T& x_col) const {
+    x_row = x;
+    x_col = x;
+  }
+};
+
 template <typename T>
-void fold_stats(const T* s, int64_t rows, int64_t cols, int64_t ld, T* row_max, T* row_sum,
-                T* col_max, T* col_sum, T* work) {
+struct ScalarExclusions {
+  const TileExclusions<T>& rules;
+
+  void split(int64_t r, int64_t c, T x, T& x_row, T& x_col) const {
+    constexpr T out = -std::numeric_limits<T>::infinity();
+    if (c == rules.positives[r] - rules.col0) {  // a positive pair is never excluded
+      x_row = x_col = x;
+      return;
+    }
+    const bool common = (rules.exclude_diagonal && c == r + rules.diag) ||
+                        (rules.row_groups && rules.row_groups[r] == rules.col_groups[c]);
+    // Thresholds exclude strictly above them (a NaN logit stays).
+    x_row = common || (rules.row_threshold && x > rules.row_threshold[r]) ? out : x;
+    x_col = common || (rules.col_threshold && x > rules.col_threshold[c]) ? out : x;
+  }
+};
+
+template <typename T, class Exclusions>
+void fold_stats_with(const T* s, int64_t rows, int64_t cols, int64_t ld, T* row_max, T* row_sum,
+                     T* col_max, T* col_sum, T* work, const Exclusions& ex) {
   constexpr T kInf = std::numeric_limits<T>::infinity();
   T* col_shift = work;
   T* row_shift = work + cols;
+  T x_row, x_col;
   for (int64_t j = 0; j < cols; ++j) col_shift[j] = -kInf;
   for (int64_t i = 0; i < rows; ++i) {
     const T* si = s + i * ld;
     T m = -kInf;
     for (int64_t j = 0; j < cols; ++j) {
-      m = si[j] > m ? si[j] : m;
-      col_shift[j] = si[j] > col_shift[j] ? si[j] : col_shift[j];
+      ex.split(i, j, si[j], x_row, x_col);
+      m = x_row > m ? x_row : m;
+      col_shift[j] = x_col > col_shift[j] ? x_col : col_shift[j];
     }
     row_shift[i] = m;
   }
@@ -49,22 +79,49 @@ void fold_stats(const T* s, int64_t rows, int64_t cols, int64_t ld, T* row_max, 
     const T* si = s + i * ld;
     T acc = 0;
     for (int64_t j = 0; j < cols; ++j) {
-      acc += std::exp(si[j] - row_shift[i]);
-      col_sum[j] += std::exp(si[j] - col_shift[j]);
+      ex.split(i, j, si[j], x_row, x_col);
+      acc += std::exp(x_row - row_shift[i]);
+      col_sum[j] += std::exp(x_col - col_shift[j]);
     }
     row_sum[i] += acc;
   }
 }
 
-template <typename T>
-void softmax_grad(T* s, int64_t rows, int64_t cols, int64_t ld, const T* row_lse, const T* g_row,
-                  const T* col_lse, const T* g_col) {
+template <typename T, class Exclusions>
+void softmax_grad_with(T* s, int64_t rows, int64_t cols, int64_t ld, const T* row_lse, const T* g_row,
+                       const T* col_lse, const T* g_col, const Exclusions& ex) {
+  T x_row, x_col;
   for (int64_t i = 0; i < rows; ++i) {
     T* si = s + i * ld;
     for (int64_t j = 0; j < cols; ++j) {
-      si[j] = g_row[i] * std::exp(si[j] - row_lse[i]) + g_col[j] * std::exp(si[j] - col_lse[j]);
+      ex.split(i, j, si[j], x_row, x_col);
+      si[j] = g_row[i] * std::exp(x_row - row_lse[i]) + g_col[j] * std::exp(x_col - col_lse[j]);
     }
   }
+}
+
+template <typename T>
+void fold_stats(const T* s, int64_t rows, int64_t cols, int64_t ld, T* row_max, T* row_sum, T* col_max,
+                T* col_sum, T* work) {
+  fold_stats_with(s, rows, cols, ld, row_max, row_sum, col_max, col_sum, work, NoExclusions{});
+}
+
+template <typename T>
+void fold_stats_masked(const T* s, int64_t rows, int64_t cols, int64_t ld, T* row_max, T* row_sum,
+                       T* col_max, T* col_sum, T* work, const TileExclusions<T>& rules) {
+  fold_stats_with(s, rows, cols, ld, row_max, row_sum, col_max, col_sum, work, ScalarExclusions<T>{rules});
+}
+
+template <typename T>
+void softmax_grad(T* s, int64_t rows, int64_t cols, int64_t ld, const T* row_lse, const T* g_row,
+                  const T* col_lse, const T* g_col) {
+  softmax_grad_with(s, rows, cols, ld, row_lse, g_row, col_lse, g_col, NoExclusions{});
+}
+
+template <typename T>
+void softmax_grad_masked(T* s, int64_t rows, int64_t cols, int64_t ld, const T* row_lse, const T* g_row,
+                         const T* col_lse, const T* g_col, const TileExclusions<T>& rules) {
+  softmax_grad_with(s, rows, cols, ld, row_lse, g_row, col_lse, g_col, ScalarExclusions<T>{rules});
 }
 
 // softplus(u) = log(1 + exp(u)) = max(u, 0) + log1p(exp(-|u|)): no overflow for
@@ -151,7 +208,8 @@ std::atomic<const TileOps<float>*> g_f32{nullptr};
 
 template <typename T>
 TileOps<T> generic_tile_ops() {
-  return {&fold_stats<T>, &softmax_grad<T>, &siglip_loss<T>, &siglip_grad<T>, "generic"};
+  return {&fold_stats<T>,  &softmax_grad<T>, &fold_stats_masked<T>, &softmax_grad_masked<T>,
+          &siglip_loss<T>, &siglip_grad<T>,  "generic"};
 }
 template TileOps<float> generic_tile_ops<float>();
 template TileOps<double> generic_tile_ops<double>();

@@ -9,6 +9,10 @@
 //   softmax_grad   backward: overwrite the tile S with
 //                  P = g_row * exp(S - row_lse) + g_col * exp(S - col_lse)
 //                  (2 exps per logit)
+//   fold_stats_masked, softmax_grad_masked
+//                  the same with exclusions (mmkernels/ops/masked_logsumexp.py):
+//                  an excluded entry counts as -inf in the statistic it leaves
+//                  (so P = 0 there); a compare or two per logit
 //   siglip_loss    SigLIP forward: add each row's sum of softplus(-z * (s + bias))
 //                  to its running loss (1 exp, 1 log1p per logit)
 //   siglip_grad    SigLIP backward: overwrite the tile with
@@ -30,6 +34,25 @@
 
 namespace mmkernels::cpu {
 
+// The exclusion rules as one tile sees them (tile row r is global row i0 + r,
+// tile column c global column j0 + c). Entry (r, c) leaves both statistics when
+// `exclude_diagonal` and c == r + diag, or row_groups[r] == col_groups[c]; it
+// leaves its row's when s > row_threshold[r], its column's when s > col_threshold[c];
+// never when c == positives[r] - col0 (the row's positive). Null pointers: rule off.
+template <typename T>
+struct TileExclusions {
+  bool exclude_diagonal;
+  int64_t diag;              // i0 - j0
+  const int64_t* positives;  // rows: global positive columns, -1 for none
+  int64_t col0;              // j0
+  // Groups as values of T, so that SIMD lanes compare them: the kernels renumber
+  // them 0, 1, ... (exact in float up to 2^24 distinct groups).
+  const T* row_groups;     // rows
+  const T* col_groups;     // cols
+  const T* row_threshold;  // rows
+  const T* col_threshold;  // cols
+};
+
 template <typename T>
 struct TileOps {
   // Running statistics: row_max/row_sum have `rows` entries, col_max/col_sum
@@ -38,6 +61,12 @@ struct TileOps {
                      T* row_sum, T* col_max, T* col_sum, T* work);
   void (*softmax_grad)(T* s, int64_t rows, int64_t cols, int64_t ld, const T* row_lse,
                        const T* g_row, const T* col_lse, const T* g_col);
+  void (*fold_stats_masked)(const T* s, int64_t rows, int64_t cols, int64_t ld, T* row_max,
+                            T* row_sum, T* col_max, T* col_sum, T* work, const TileExclusions<T>& rules);
+  // row_lse and col_lse as shifts: -inf (every entry excluded) replaced by 0.
+  void (*softmax_grad_masked)(T* s, int64_t rows, int64_t cols, int64_t ld, const T* row_lse,
+                              const T* g_row, const T* col_lse, const T* g_col,
+                              const TileExclusions<T>& rules);
   void (*siglip_loss)(const T* s, int64_t rows, int64_t cols, int64_t ld, T bias, bool positives,
                       int64_t diag, T* row_loss);
   void (*siglip_grad)(T* s, int64_t rows, int64_t cols, int64_t ld, T bias, bool positives,

@@ -43,6 +43,10 @@ struct V {
   static V select_lt(V x, V c, V a, V b) {
     return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, c.v, _CMP_LT_OQ))};
   }
+  static V select_eq(V x, V c, V a, V b) {
+    return {_mm256_blendv_ps(b.v, a.v, _mm256_cmp_ps(x.v, c.v, _CMP_EQ_OQ))};
+  }
+  static V iota() { return {_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7)}; }
   float reduce_add() const {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -64,7 +68,8 @@ inline V operator/(V a, V b) { return {_mm256_div_ps(a.v, b.v)}; }
 #include "tile_ops_simd.inc"
 
 // Constant-initialized: taking the addresses runs no AVX2 code.
-const TileOps<float> kOps = {&fold_stats<V>, &softmax_grad<V>, &siglip_loss<V>, &siglip_grad<V>, "avx2"};
+const TileOps<float> kOps = {&fold_stats<V>,  &softmax_grad<V>, &fold_stats_masked<V>, &softmax_grad_masked<V>,
+                             &siglip_loss<V>, &siglip_grad<V>,  "avx2"};
 
 }  // namespace
 }  // namespace mmkernels::cpu

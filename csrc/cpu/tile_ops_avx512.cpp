@@ -42,6 +42,10 @@ struct V {
   static V select_lt(V x, V c, V a, V b) {
     return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, c.v, _CMP_LT_OQ), b.v, a.v)};
   }
+  static V select_eq(V x, V c, V a, V b) {
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, c.v, _CMP_EQ_OQ), b.v, a.v)};
+  }
+  static V iota() { return {_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)}; }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
 };
@@ -55,7 +59,8 @@ inline V operator/(V a, V b) { return {_mm512_div_ps(a.v, b.v)}; }
 #include "tile_ops_simd.inc"
 
 // Constant-initialized: taking the addresses runs no AVX-512 code.
-const TileOps<float> kOps = {&fold_stats<V>, &softmax_grad<V>, &siglip_loss<V>, &siglip_grad<V>, "avx512"};
+const TileOps<float> kOps = {&fold_stats<V>,  &softmax_grad<V>, &fold_stats_masked<V>, &softmax_grad_masked<V>,
+                             &siglip_loss<V>, &siglip_grad<V>,  "avx512"};
 
 }  // namespace
 }  // namespace mmkernels::cpu
