@@ -57,7 +57,8 @@ def cases(world: int, backend_names: list[str]) -> list[str]:
         names += [f"loss-{backend}-ring-uneven-fp64", f"loss-{backend}-ring-uneven-bf16",
                   f"loss-{backend}-gather-uneven-fp16",
                   f"loss-{backend}-ring-uneven-scale100", f"loss-{backend}-ring-uneven-noncontiguous",
-                  f"loss-{backend}-ring-uneven-nograd"]
+                  f"loss-{backend}-ring-uneven-nograd",
+                  f"loss-{backend}-ring-uneven-frozen_image", f"loss-{backend}-ring-uneven-frozen_text"]
     names += ["loss-naive-gather-uneven-normalize_smoothing", "loss-ring-twice-same-graph"]
     if world >= 3:
         names.append("loss-subgroup-without-rank-0")
@@ -156,6 +157,36 @@ def run_ours(fn, a, b, scale, *, backward=True):
 
 # --- the cases -------------------------------------------------------------------
 
+def products_computed(backend):
+    """{"S", "pb", "pa"}: N x M x D products the backward kernels computed so far."""
+    if backend == "cpu":
+        from mmkernels import compiled
+        return dict(zip(("S", "pb", "pa"), compiled.products_computed()))
+    from mmkernels.ops import masked_logsumexp
+    return {k: masked_logsumexp.PRODUCTS_COMPUTED[k] for k in ("S", "pb", "pa")}
+
+
+def frozen_side_case(name, ours, a, b, la, lb, scale, sizes, rank, world, backend):
+    """One tower frozen on every rank (locked-image tuning, or a frozen text tower):
+    the trainable side's and the scale's gradients equal the full backward's, and
+    the ring's kernels compute no product for the frozen side (W products of S per
+    rank, and W of the trainable side's)."""
+    frozen_image = name.endswith("frozen_image")
+    x, y = la.clone().requires_grad_(not frozen_image), lb.clone().requires_grad_(frozen_image)
+    s = scale.clone().requires_grad_()
+    before = products_computed(backend)
+    loss = ours(x, y, s)
+    loss.backward()
+    after = products_computed(backend)
+    want = reference_global(a, b, scale, sizes, rank)
+    got = (loss.detach(), None if frozen_image else x.grad, y.grad if frozen_image else None, s.grad)
+    check(got, (want[0], None if frozen_image else want[1], want[2] if frozen_image else None,
+                want[3]), torch.float32, name)
+    counts = {k: after[k] - before[k] for k in after}
+    assert counts == {"S": world, "pb": 0 if frozen_image else world,
+                      "pa": world if frozen_image else 0}, f"{name}: products {counts}"
+
+
 def loss_case(name, world, rank, mmdist):
     _, backend, strategy, layout, setting = name.split("-")
     sizes = layouts(world)[layout]
@@ -175,6 +206,9 @@ def loss_case(name, world, rank, mmdist):
         return mmdist.contrastive_loss(x, y, s, strategy=strategy, normalize=normalize,
                                        label_smoothing=smoothing, backend=backend)
 
+    if setting.startswith("frozen"):
+        frozen_side_case(name, ours, a, b, la, lb, scale, sizes, rank, world, backend)
+        return
     if setting == "nograd":
         with torch.no_grad():
             got = run_ours(ours, la, lb, scale, backward=False)

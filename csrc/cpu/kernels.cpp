@@ -313,6 +313,12 @@ struct PreparedRules {
     if (r.row_groups.has_value()) std::tie(row_groups, col_groups) = dense_groups(*r.row_groups, *r.col_groups, dtype);
   }
 
+  // Whether any rule is on (else the unmasked tile kernels run: a frozen side alone).
+  bool any() const {
+    return rules.exclude_diagonal || rules.row_groups.has_value() || rules.row_threshold.has_value() ||
+           rules.col_threshold.has_value();
+  }
+
   template <typename T>
   TileRules<T> tile_rules() const {
     auto data = [](const OptionalTensor& t) { return t.has_value() ? t->data_ptr<T>() : nullptr; };
@@ -348,7 +354,7 @@ std::tuple<Tensor, Tensor> masked_lse_fwd(const Tensor& a, const Tensor& b, cons
   Tensor col_lse = at::empty({b.size(0)}, ah.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_masked_lse_fwd", [&] {
     const TileRules<scalar_t> tile_rules = prepared.tile_rules<scalar_t>();
-    lse_fwd_impl<scalar_t>(ah, bh, alpha, &tile_rules, row_lse, col_lse);
+    lse_fwd_impl<scalar_t>(ah, bh, alpha, prepared.any() ? &tile_rules : nullptr, row_lse, col_lse);
   });
   return {row_lse, col_lse};
 }
@@ -372,7 +378,8 @@ std::tuple<Tensor, Tensor> masked_lse_bwd(const Tensor& a, const Tensor& b, cons
   count_products(true, compute_pb, compute_pa);
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_masked_lse_bwd", [&] {
     const TileRules<scalar_t> tile_rules = prepared.tile_rules<scalar_t>();
-    lse_bwd_impl<scalar_t>(ah, bh, alpha, &tile_rules, as_shift(row_lse, dtype), as_shift(col_lse, dtype),
+    lse_bwd_impl<scalar_t>(ah, bh, alpha, prepared.any() ? &tile_rules : nullptr, as_shift(row_lse, dtype),
+                           as_shift(col_lse, dtype),
                            vec(g_row), vec(g_col), pb, pa, compute_pb, compute_pa);
   });
   return {pb, pa};

@@ -92,7 +92,7 @@ STRATEGIES = ("ring", "gather")
 # Per-rank facts exchanged before the loss runs; a rank whose own inputs are
 # invalid sends ok = 0 and raises its own error, the others raise one naming it.
 _FIELDS = ("ok", "rows", "D", "dtype", "normalize", "label_smoothing", "strategy",
-           "needs_grad", "scale_needs_grad", "logit_scale")
+           "needs_grad", "scale_needs_grad", "text_needs_grad", "logit_scale")
 
 
 def _agree(group, image_features, text_features, logit_scale, *, strategy, normalize,
@@ -101,7 +101,9 @@ def _agree(group, image_features, text_features, logit_scale, *, strategy, norma
     the same error on every rank when something is wrong.
 
     ``claimed``: (rank, world_size) as a caller was configured (ClipLoss), checked
-    against the group. Returns ``(ring, scale, backend_name)``.
+    against the group. Returns ``(ring, scale, backend_name, text_trains)``, the last
+    True when some rank's text features require grad (else no rank's backward
+    needs the products for the text side: a frozen text tower).
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("mmkernels.distributed: torch.distributed is not initialized; call "
@@ -135,7 +137,8 @@ def _agree(group, image_features, text_features, logit_scale, *, strategy, norma
                  float(label_smoothing), STRATEGIES.index(strategy),
                  float(grad_on and (image_features.requires_grad or text_features.requires_grad
                                     or scale.requires_grad)),
-                 float(grad_on and scale.requires_grad)]
+                 float(grad_on and scale.requires_grad),
+                 float(grad_on and text_features.requires_grad)]
         # The scale stays on its device (no sync here); it joins the facts as a tensor.
         mine = torch.cat([torch.tensor(facts, dtype=torch.float64, device=device),
                           scale.detach().to(torch.float64).reshape(1)])
@@ -148,7 +151,8 @@ def _agree(group, image_features, text_features, logit_scale, *, strategy, norma
         raise error
     _check_agreement(table)
     sizes = tuple(int(row["rows"]) for row in table)
-    return Ring(group, rank, size, sizes), scale, name
+    text_trains = any(row["text_needs_grad"] for row in table)
+    return Ring(group, rank, size, sizes), scale, name, text_trains
 
 
 def _check_agreement(table: list) -> None:
@@ -219,8 +223,15 @@ def _ring_forward(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, ring: Ri
 
 
 def _ring_backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, ring: Ring, bwd,
-                   needs_input_grad):
-    """Gradients of (a, b, scale's share) by the ring: pb stays home, pa travels."""
+                   needs_input_grad, text_trains: bool):
+    """Gradients of (a, b, scale's share) by the ring: pb stays home, pa travels.
+
+    A frozen side costs no product: pa (and its travelling accumulator) only when
+    some rank's text features train (``text_trains``), pb only when this rank's
+    images train or its scale share is taken from pb (when no pa is computed)."""
+    needs_a, needs_b, needs_scale = needs_input_grad
+    compute_pa = text_trains
+    compute_pb = needs_a or (needs_scale and not compute_pa)
     d, largest = a.shape[1], max(ring.sizes)
     # What travels: the block, its col_lse and g_col, and (one step behind) its pa accumulator.
     block, stats = b.contiguous(), torch.stack([col_lse, g_col])
@@ -235,29 +246,31 @@ def _ring_backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, ring:
             incoming, incoming_stats = blocks.take(step, rows, d), block_stats.take(step, 2, rows)
             sends += [(block, 1), (stats, 1)]
             receives += [(incoming, -1), (incoming_stats, -1)]
-        if step > 0:  # the previous block's accumulator follows it, one step behind
+        if step > 0 and compute_pa:  # the previous block's accumulator follows it, one step behind
             acc_in = accumulators.take(step, ring.sizes[v], d)
             sends.append((acc, 1))
             receives.append((acc_in, -1))
         pending = ring.start(sends, receives)
-        pb_k, pa_k = bwd(a, block, scale, normalize, row_lse, stats[0], g_row, stats[1])
+        pb_k, pa_k = bwd(a, block, scale, normalize, row_lse, stats[0], g_row, stats[1],
+                         compute_pb, compute_pa)
         pending.wait()
-        pb = pb_k if pb is None else pb.add_(pb_k)
-        acc = pa_k.contiguous() if acc_in is None else pa_k.add_(acc_in)
+        if compute_pb:
+            pb = pb_k if pb is None else pb.add_(pb_k)
+        if compute_pa:
+            acc = pa_k.contiguous() if acc_in is None else pa_k.add_(acc_in)
         block, stats = incoming, incoming_stats
 
-    needs_a, needs_b, needs_scale = needs_input_grad
     if ring.size == 1:
         return _common.grads_from_products(a, b, scale, normalize, pb, acc, needs_input_grad)
     # acc is complete for the block of rank + 1: send it home, and receive ours while
     # the home rows' gradients are formed.
-    pending = ring.start([(acc, 1)], [(acc.new_empty(b.shape[0], d), -1)])
-    grad_a, _, grad_scale = _common.grads_from_products(a, b, scale, normalize, pb, None,
-                                                        (needs_a, False, needs_scale))
-    (pa,) = pending.wait()
-    _, grad_b, _ = _common.grads_from_products(a, b, scale, normalize, None, pa,
-                                               (False, needs_b, False))
-    return grad_a, grad_b, grad_scale
+    pending = ring.start([(acc, 1)], [(acc.new_empty(b.shape[0], d), -1)]) if compute_pa else None
+    grad_a, _, grad_scale = _common.grads_from_products(
+        a, b, scale, normalize, pb, None, (needs_a, False, needs_scale and compute_pb))
+    pa = pending.wait()[0] if compute_pa else None
+    _, grad_b, scale_from_pa = _common.grads_from_products(
+        a, b, scale, normalize, None, pa, (False, needs_b, needs_scale and not compute_pb))
+    return grad_a, grad_b, grad_scale if compute_pb else scale_from_pa
 
 
 class _RingLogSumExp(torch.autograd.Function):
@@ -269,11 +282,11 @@ class _RingLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a, b, scale, normalize, ring, kernels):
+    def forward(ctx, a, b, scale, normalize, ring, kernels, text_trains):
         fwd, bwd = kernels
         row_lse, col_lse = _ring_forward(a, b, scale, normalize, ring, fwd)
         ctx.save_for_backward(a, b, scale, row_lse, col_lse)
-        ctx.normalize, ctx.ring, ctx.bwd = normalize, ring, bwd
+        ctx.normalize, ctx.ring, ctx.bwd, ctx.text_trains = normalize, ring, bwd, text_trains
         return row_lse, col_lse
 
     @staticmethod
@@ -283,8 +296,8 @@ class _RingLogSumExp(torch.autograd.Function):
         g_row = torch.zeros_like(row_lse) if g_row is None else g_row.contiguous()
         g_col = torch.zeros_like(col_lse) if g_col is None else g_col.contiguous()
         grads = _ring_backward(a, b, scale, ctx.normalize, row_lse, col_lse, g_row, g_col,
-                               ctx.ring, ctx.bwd, ctx.needs_input_grad[:3])
-        return (*grads, None, None, None)
+                               ctx.ring, ctx.bwd, ctx.needs_input_grad[:3], ctx.text_trains)
+        return (*grads, None, None, None, None)
 
 
 # --- gather strategy -----------------------------------------------------------
@@ -304,9 +317,10 @@ def _global_loss(image_features, text_features, logit_scale, *, group, strategy,
                  label_smoothing, backend, gather_with_grad: bool, claimed=None) -> Tensor:
     """The global-batch loss on every rank. Feature gradients: W * dL/dx with
     ``gather_with_grad`` (open_clip's gather_with_grad=True), dL/dx without."""
-    ring, scale, name = _agree(group, image_features, text_features, logit_scale,
-                               strategy=strategy, normalize=normalize,
-                               label_smoothing=label_smoothing, backend=backend, claimed=claimed)
+    ring, scale, name, text_trains = _agree(group, image_features, text_features, logit_scale,
+                                            strategy=strategy, normalize=normalize,
+                                            label_smoothing=label_smoothing, backend=backend,
+                                            claimed=claimed)
     if ring.size == 1:
         return _single_process_loss(image_features, text_features, scale, normalize=normalize,
                                     label_smoothing=label_smoothing, backend=name)
@@ -316,7 +330,7 @@ def _global_loss(image_features, text_features, logit_scale, *, group, strategy,
     if strategy == "ring":
         kernels = ring_kernels("logsumexp", name, image_features.device)
         row_lse, col_lse = _RingLogSumExp.apply(image_features, text_features, scale, normalize,
-                                                ring, kernels)
+                                                ring, kernels, text_trains)
     else:
         row_lse, col_lse = _gather_lse(image_features, text_features, scale, normalize, ring,
                                        name)
@@ -393,9 +407,9 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, loc
                             strategy=strategy, normalize=False, label_smoothing=0.0,
                             backend=backend, gather_with_grad=gather_with_grad, claimed=claimed)
     # No ring here: each rank's rows meet the gathered batch in the single-process ops.
-    ring, scale, name = _agree(group, image_features, text_features, logit_scale,
-                               strategy="gather", normalize=False, label_smoothing=0.0,
-                               backend=backend, claimed=claimed)
+    ring, scale, name, _ = _agree(group, image_features, text_features, logit_scale,
+                                  strategy="gather", normalize=False, label_smoothing=0.0,
+                                  backend=backend, claimed=claimed)
     if gather_with_grad:
         all_image, all_text = (AllGather.apply(x, ring) for x in (image_features, text_features))
     else:

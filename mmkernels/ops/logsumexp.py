@@ -172,11 +172,24 @@ KERNELS.register("torch", _torch_lse_fwd, _torch_lse_bwd)
 # --- dispatch and public function --------------------------------------------
 
 def lse(a: Tensor, b: Tensor, scale: Tensor, normalize: bool, backend: str):
-    """The primitive on a resolved backend, for inputs already checked. Differentiable."""
+    """The primitive on a resolved backend, for inputs already checked. Differentiable.
+
+    With a frozen side (``a`` or ``b`` a constant, or only the scale training) it
+    runs the masked family's kernels with no rule on, whose backward computes
+    only the products that the gradients need (3 N x M x D products, not 4)."""
     if backend == "naive":  # plain autograd through the materialized S
         return lse_reference(a, b, scale, normalize)
+    if backend in masked_logsumexp.KERNELS and _frozen_side(a, b, scale):
+        return masked_logsumexp.masked_lse(a, b, scale, normalize,
+                                           masked_logsumexp.Exclusions.none(a), backend)
     fwd, _ = KERNELS.kernels(backend, a.device)
     return fwd(a, b, scale, normalize)
+
+
+def _frozen_side(a: Tensor, b: Tensor, scale: Tensor) -> bool:
+    """A backward will run (something requires grad) and one of a, b needs none."""
+    return (torch.is_grad_enabled() and not (a.requires_grad and b.requires_grad)
+            and (a.requires_grad or b.requires_grad or scale.requires_grad))
 
 
 @_checks.outside_autocast

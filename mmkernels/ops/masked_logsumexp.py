@@ -80,6 +80,13 @@ class Exclusions:
                 self.row_threshold, self.col_threshold)
 
     @staticmethod
+    def none(a: Tensor) -> "Exclusions":
+        """No rule on: the unmasked primitive through these kernels (for their
+        frozen-side backward); positives -1, nothing to exempt."""
+        return Exclusions(False, torch.full((a.shape[0],), -1, dtype=torch.int64, device=a.device),
+                          None, None, None, None)
+
+    @staticmethod
     def from_arguments(a: Tensor, b: Tensor, *, exclude_diagonal=False, row_groups=None,
                        col_groups=None, row_threshold=None, col_threshold=None,
                        positives=None) -> Optional["Exclusions"]:
