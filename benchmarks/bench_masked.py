@@ -10,7 +10,8 @@ thresholds at the positive logit + 0.1 (false-negative filtering). The same
 call without rules is measured beside it on every backend: ``BACKEND:masked``
 against ``BACKEND:unmasked`` is the cost of the mask (target: at most 1.10x).
 ``BACKEND:masked-frozen-b``: the same with ``b`` a constant (a locked tower): its
-backward skips one of the four products (target: at most 0.80x of ``BACKEND:masked``).
+backward skips one of the four products (target: at most 0.80x of ``BACKEND:masked``);
+``BACKEND:unmasked-frozen-b`` likewise without rules (against ``BACKEND:unmasked``).
 ``naive``: the masked primitive on the materialized S. ``rel_err``: against
 the torch backend's masked result in fp32.
 """
@@ -36,6 +37,8 @@ def impls_for(device: str, wanted: list[str] | None) -> tuple[list[str], dict[st
         if backend in masked_logsumexp.KERNELS:
             names += [f"{backend}:masked", f"{backend}:masked-frozen-b"]
         names.append(f"{backend}:unmasked")
+        if backend in masked_logsumexp.KERNELS:
+            names.append(f"{backend}:unmasked-frozen-b")
     return available(names, wanted)
 
 
@@ -62,12 +65,12 @@ def prepare(impl: str, case: Case, device: str) -> Workload:
     a, b, gen = case_inputs(case, device)
     backend, _, variant = impl.partition(":")
     a.requires_grad_()
-    b.requires_grad_(variant != "masked-frozen-b")
+    b.requires_grad_(not variant.endswith("frozen-b"))
     scale = torch.tensor(SCALE, device=device, requires_grad=True)
     g_row = torch.rand(case.n, device=device, generator=gen)
     g_col = torch.rand(case.m, device=device, generator=gen)
     rules = rules_for(a.detach(), b.detach(), SCALE)
-    call_rules = {} if variant == "unmasked" else rules
+    call_rules = {} if variant.startswith("unmasked") else rules
 
     def forward():
         return mmkernels.similarity_logsumexp(a, b, scale, normalize=True, backend=backend, **call_rules)

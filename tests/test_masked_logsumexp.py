@@ -230,14 +230,15 @@ def test_gradcheck_fp64():
             (a, b, scale))
 
 
-def test_opcheck_torch_ops():
+@pytest.mark.parametrize("backend", [name for name in MASKED_BACKENDS if name != "naive"])
+def test_opcheck(backend):
     a, b = features(9, 11, 5, seed=9)
     a.requires_grad_()
     b.requires_grad_()
     rules = masked_logsumexp.Exclusions.from_arguments(
         a, b, row_groups=torch.arange(9) % 2, col_groups=torch.arange(11) % 2,
         row_threshold=torch.zeros(9), col_threshold=torch.zeros(11))
-    fwd, bwd = masked_logsumexp.KERNELS["torch"]
+    fwd, bwd = masked_logsumexp.KERNELS[backend]
     scale = torch.tensor(3.0, requires_grad=True)
     torch.library.opcheck(fwd, (a, b, scale, True, *rules.as_args()))
     row_lse, col_lse = fwd(a.detach(), b.detach(), scale.detach(), True, *rules.as_args())
@@ -247,20 +248,26 @@ def test_opcheck_torch_ops():
                                 row_lse, col_lse, torch.randn(9), torch.randn(11), False, True))
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("backend", [name for name in MASKED_BACKENDS if name != "naive"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_compile_fullgraph(backend, frozen):
     a, b = features(12, 12, 6, seed=10)
+    a.requires_grad_()
+    b.requires_grad_(not frozen)
     groups = torch.arange(12) % 3
     threshold = torch.full((12,), 0.5)
 
     def loss(x, y):
         row_lse, col_lse = mmkernels.similarity_logsumexp(
             x, y, 5.0, normalize=True, row_groups=groups, col_groups=groups,
-            row_threshold=threshold, backend="torch")
+            row_threshold=threshold, backend=backend)
         return row_lse.sum() + col_lse.sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     want = loss(a, b)
-    torch.testing.assert_close(compiled(a, b), want)
+    got = compiled(a, b)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, a), torch.autograd.grad(want, a))
 
 
 # --- a frozen side: no gradient product for it ----------------------------------------
@@ -302,6 +309,40 @@ def products_computed(backend):
     if backend == "naive":
         return None
     return {k: masked_logsumexp.PRODUCTS_COMPUTED[k] for k in ("S", "pb", "pa")}
+
+
+@pytest.mark.parametrize("backend", [name for name in MASKED_BACKENDS if name != "naive"])
+@pytest.mark.parametrize("frozen", ["a", "b", "a+b"])
+def test_unmasked_primitive_with_a_frozen_side(backend, small_tiles, frozen):
+    """No rule on, one side (or both: the scale alone trains) a constant: the same
+    gradients as the full backward, with 3 products (2 for the scale alone)."""
+    a0, b0 = features(11, 19, 5, seed=12)
+    weights = torch.rand(11), torch.rand(19)
+
+    def grads(frozen_sides, compile=False):
+        a = a0.clone().requires_grad_("a" not in frozen_sides)
+        b = b0.clone().requires_grad_("b" not in frozen_sides)
+        scale = torch.tensor(3.0, requires_grad=True)
+
+        def loss(a, b, scale):
+            row_lse, col_lse = mmkernels.similarity_logsumexp(a, b, scale, normalize=True,
+                                                              backend=backend)
+            return (weights[0] * row_lse).sum() + (weights[1] * col_lse).sum()
+
+        fn = torch.compile(loss, fullgraph=True, backend="aot_eager") if compile else loss
+        named = {n: x for n, x in (("a", a), ("b", b), ("scale", scale)) if x.requires_grad}
+        return dict(zip(named, torch.autograd.grad(fn(a, b, scale), list(named.values()))))
+
+    full = grads("")
+    before = products_computed(backend)
+    frozen_grads = grads(frozen)
+    after = products_computed(backend)
+    want = {"S": 1, "pb": int(frozen != "a"), "pa": int(frozen == "a")}
+    assert {k: after[k] - before[k] for k in want} == want
+    for got in (frozen_grads, grads(frozen, compile=True)):
+        assert set(got) == {"a", "b", "scale"} - set(frozen.split("+"))
+        for name, grad in got.items():
+            torch.testing.assert_close(grad, full[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 # --- dispatch ---------------------------------------------------------------------
