@@ -25,9 +25,10 @@ positives receive no gradient. A row (column) with every entry excluded has
 ``lse = -inf`` and no gradient (its P row is 0), never NaN.
 
 A threshold compares the logit as the kernel computes it (the compute dtype,
-scale applied). The backward recomputes S with the same operations in the
-same order on every backend that has these kernels (torch, naive), so the
-forward's and the backward's decisions at a tie agree bit for bit.
+scale applied). The backward recomputes each tile of S with the same call on
+the same operands as the forward on the naive, torch and cpu backends (the
+cpu kernels' forward and backward share one tile schedule and BLAS call), so
+the forward's and the backward's decisions at a tie agree bit for bit.
 
 Cost: the mask is decided per tile from O(tile) loads (groups, thresholds,
 positives of the tile's rows and columns) and a compare per logit; nothing of
@@ -43,8 +44,12 @@ compute (a product not asked for is returned empty, shape (0,), and costs
 nothing: 3 N x M x D products instead of 4 when ``a`` or ``b`` is a constant);
 the rules come as :class:`Exclusions` prepared them (``positives`` always an (N,)
 int64 tensor; the others None or tensors on the features' device, thresholds
-in the compute dtype). Backends with these kernels so far: naive, torch; the
-compiled (cpu, cuda) and triton backends run the unmasked primitive only.
+in the compute dtype). Backends with these kernels so far: naive, torch, cpu.
+
+The family also serves the unmasked primitive when a side is frozen: with no
+rule on (:meth:`Exclusions.none`) its kernels are the unmasked ones, and their
+backward skips the frozen side's product (ops/logsumexp.py ``lse``, and the
+distributed ring's backward).
 """
 
 from __future__ import annotations
@@ -160,46 +165,52 @@ def _check_range(name: str, x: Tensor, low: int, high: int) -> None:
     while torch.compile traces, where a value is not known)."""
     if torch.compiler.is_compiling():
         return
-    if x.numel() and (x.min().item() < low or x.max().item() >= high):
-        raise ValueError(f"{name}: values must lie in [{low}, {high}), got "
-                         f"[{x.min().item()}, {x.max().item()}]")
+    if not x.numel():
+        return
+    smallest, largest = torch.stack(torch.aminmax(x)).tolist()
+    if smallest < low or largest >= high:
+        raise ValueError(f"{name}: values must lie in [{low}, {high}), got [{smallest}, {largest}]")
 
 
-# --- the mask of one block of S (the reference's; the torch backend's is _kept) ----
+# --- the mask of one tile of S (the rules, written once) ----------------------------
 
-def excluded(s: Tensor, i0: int, j0: int, exclude_diagonal: bool, positives: Tensor,
-             row_groups, col_groups, row_threshold, col_threshold):
-    """(out_of_row, out_of_col): bool masks of the block ``s = S[i0:i0+r, j0:j0+c]``,
-    True where an entry leaves its row's (column's) logsumexp; None where nothing
-    in the block does. A compare per logit for each rule on; the diagonal and the
-    positives' exemption cost O(r) writes, not a pass over the block."""
+# Why float masks (1 kept, 0 out) rather than bool ones: on CPU, PyTorch's
+# where/masked_fill on a random bool mask cost about 15 times a vectorized
+# multiply; comparisons written into a float tensor and multiplies stay
+# vectorized (the torch backend's tile loop). The reference takes them as bools.
+def _kept(s: Tensor, i0: int, j0: int, rules: tuple, scratch: list[Tensor]):
+    """(keep_row, keep_col): float masks of the tile ``s``, 1 where an entry stays in
+    its row's (column's) logsumexp, 0 where it leaves; None where all stay.
+    ``scratch``: three tiles of ``s``'s shape to write them into."""
+    exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold = rules
     r, c = s.shape
+    common_buf, row_buf, col_buf = scratch
     common = None
     if row_groups is not None:
-        common = row_groups[i0:i0 + r].unsqueeze(1) == col_groups[j0:j0 + c].unsqueeze(0)
+        common = torch.ne(row_groups[i0:i0 + r].unsqueeze(1), col_groups[j0:j0 + c].unsqueeze(0),
+                          out=common_buf)
     if exclude_diagonal:
         first, last = max(i0, j0), min(i0 + r, j0 + c)
         if first < last:
             if common is None:
-                common = torch.zeros_like(s, dtype=torch.bool)
+                common = common_buf.fill_(1.0)
             diagonal = torch.arange(first, last, device=s.device)
-            common[diagonal - i0, diagonal - j0] = True
-    out_of_row = out_of_col = common
-    if row_threshold is not None:
-        out_of_row = s > row_threshold[i0:i0 + r].unsqueeze(1)
+            common[diagonal - i0, diagonal - j0] = 0.0
+    keep_row = keep_col = common
+    if row_threshold is not None:  # keep = 1 - (s > t): a NaN logit stays, as in ``excluded``
+        keep_row = torch.gt(s, row_threshold[i0:i0 + r].unsqueeze(1), out=row_buf).neg_().add_(1.0)
         if common is not None:
-            out_of_row.logical_or_(common)
+            keep_row.mul_(common)
     if col_threshold is not None:
-        out_of_col = s > col_threshold[j0:j0 + c].unsqueeze(0)
+        keep_col = torch.gt(s, col_threshold[j0:j0 + c].unsqueeze(0), out=col_buf).neg_().add_(1.0)
         if common is not None:
-            out_of_col.logical_or_(common)
-    # A positive pair is never excluded: clear (i, positives[i]) where it lies in the block.
+            keep_col.mul_(common)
     column = positives[i0:i0 + r] - j0
-    inside = (column >= 0) & (column < c)
+    inside = ((column >= 0) & (column < c)).unsqueeze(1)
     column = column.clamp(0, c - 1).unsqueeze(1)
-    for mask in {id(m): m for m in (out_of_row, out_of_col) if m is not None}.values():
-        mask.scatter_(1, column, mask.gather(1, column) & ~inside.unsqueeze(1))
-    return out_of_row, out_of_col
+    for mask in {id(m): m for m in (keep_row, keep_col) if m is not None}.values():
+        mask.scatter_(1, column, torch.where(inside, 1.0, mask.gather(1, column)))
+    return keep_row, keep_col
 
 
 # --- reference (the naive backend) ---------------------------------------------
@@ -214,11 +225,18 @@ def _empty_safe_lse(s: Tensor, out: Optional[Tensor], dim: int) -> Tensor:
     return torch.logsumexp(kept, dim).masked_fill(empty.squeeze(dim), float("-inf"))
 
 
+def _excluded(s: Tensor, rules: tuple):
+    """(out_of_row, out_of_col): bool masks of the whole S, True where an entry leaves
+    its row's (column's) logsumexp; None where nothing does."""
+    keep = _kept(s, 0, 0, rules, [torch.empty_like(s) for _ in range(3)])
+    return tuple(None if k is None else k == 0 for k in keep)
+
+
 def lse_reference(a, b, scale, normalize, *rules):
     """The masked primitive on the materialized S, differentiable by plain autograd."""
     ah, bh = scaled_operand(a, normalize), scaled_operand(b, normalize)
     s = scale * (ah @ bh.T)
-    out_of_row, out_of_col = excluded(s.detach(), 0, 0, *rules)
+    out_of_row, out_of_col = _excluded(s.detach(), rules)
     return _empty_safe_lse(s, out_of_row, 1), _empty_safe_lse(s, out_of_col, 0)
 
 
@@ -232,26 +250,17 @@ def bwd_reference(a, b, scale, normalize, *args):
     with torch.no_grad():
         ah, bh = scaled_operand(a, normalize), scaled_operand(b, normalize)
         s = scale * (ah @ bh.T)
-        p = _probabilities(s, 0, 0, rules, row_lse, col_lse, g_row, g_col)
+        out_of_row, out_of_col = _excluded(s, rules)
+        # P = g_row * exp(S - row_lse) + g_col * exp(S - col_lse), 0 where excluded
+        row_part = (s - row_lse.unsqueeze(1)).exp()
+        col_part = (s - col_lse).exp()
+        if out_of_row is not None:
+            row_part.masked_fill_(out_of_row, 0.0)
+        if out_of_col is not None:
+            col_part.masked_fill_(out_of_col, 0.0)
+        p = row_part * g_row.unsqueeze(1) + col_part * g_col
         return (p @ bh if compute_pb else ah.new_empty(0),
                 p.T @ ah if compute_pa else ah.new_empty(0))
-
-
-def _probabilities(s, i0, j0, rules, row_lse, col_lse, g_row, g_col, p=None):
-    """P of the block ``s`` (rows from i0, columns from j0), excluded entries 0
-    (the reference's; the torch backend's loop writes its own); written into
-    ``p`` when given, and ``s`` consumed."""
-    out_of_row, out_of_col = excluded(s, i0, j0, *rules)
-    r, c = s.shape
-    p = torch.empty_like(s) if p is None else p
-    torch.sub(s, row_lse[i0:i0 + r].unsqueeze(1), out=p).exp_()
-    if out_of_row is not None:
-        p.masked_fill_(out_of_row, 0.0)
-    p.mul_(g_row[i0:i0 + r].unsqueeze(1))
-    col_part = s.sub_(col_lse[j0:j0 + c]).exp_()
-    if out_of_col is not None:
-        col_part.masked_fill_(out_of_col, 0.0)
-    return p.addcmul_(col_part, g_col[j0:j0 + c])
 
 
 # --- autograd and fake kernels, shared by every backend ---------------------------
@@ -303,48 +312,8 @@ KERNELS.register("naive", fwd_reference, bwd_reference, autograd=False)
 PRODUCTS_COMPUTED: collections.Counter = collections.Counter()
 
 
-# Why float masks (1 kept, 0 out) here rather than the bool masks of ``excluded``:
-# on CPU, PyTorch's where/masked_fill on a random bool mask cost about 15 times
-# a vectorized multiply, and exp of -inf (or of logits far below the shift) takes
-# a slow path; comparisons written into a float tensor, multiplies and a clamp
-# stay vectorized. The entries decided are the same as ``excluded``'s.
 _FAR = 1e30  # added below an excluded logit for the maximum: far under any logit
 _EXP_CAP = 80.0  # exp(80) < fp32's max: an excluded entry's exp stays finite before its 0
-
-
-def _kept(s: Tensor, i0: int, j0: int, rules: tuple, scratch: list[Tensor]):
-    """(keep_row, keep_col): float masks of the tile ``s``, 1 where an entry stays in
-    its row's (column's) logsumexp, 0 where it leaves; None where all stay.
-    ``scratch``: three tiles of ``s``'s shape to write them into."""
-    exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold = rules
-    r, c = s.shape
-    common_buf, row_buf, col_buf = scratch
-    common = None
-    if row_groups is not None:
-        common = torch.ne(row_groups[i0:i0 + r].unsqueeze(1), col_groups[j0:j0 + c].unsqueeze(0),
-                          out=common_buf)
-    if exclude_diagonal:
-        first, last = max(i0, j0), min(i0 + r, j0 + c)
-        if first < last:
-            if common is None:
-                common = common_buf.fill_(1.0)
-            diagonal = torch.arange(first, last, device=s.device)
-            common[diagonal - i0, diagonal - j0] = 0.0
-    keep_row = keep_col = common
-    if row_threshold is not None:  # keep = 1 - (s > t): a NaN logit stays, as in ``excluded``
-        keep_row = torch.gt(s, row_threshold[i0:i0 + r].unsqueeze(1), out=row_buf).neg_().add_(1.0)
-        if common is not None:
-            keep_row.mul_(common)
-    if col_threshold is not None:
-        keep_col = torch.gt(s, col_threshold[j0:j0 + c].unsqueeze(0), out=col_buf).neg_().add_(1.0)
-        if common is not None:
-            keep_col.mul_(common)
-    column = positives[i0:i0 + r] - j0
-    inside = ((column >= 0) & (column < c)).unsqueeze(1)
-    column = column.clamp(0, c - 1).unsqueeze(1)
-    for mask in {id(m): m for m in (keep_row, keep_col) if m is not None}.values():
-        mask.scatter_(1, column, torch.where(inside, 1.0, mask.gather(1, column)))
-    return keep_row, keep_col
 
 
 def _merge_masked_stats(run_max: Tensor, run_sum: Tensor, s: Tensor, keep: Optional[Tensor],
