@@ -172,7 +172,8 @@ def build_ext_class():
 
 
 EXTRAS = {
-    "test": ["pytest>=7", "pytest-timeout", "open_clip_torch>=2.20", "transformers>=4.40"],
+    "test": ["pytest>=7", "pytest-timeout", "open_clip_torch>=2.20", "transformers>=4.40",
+             "sentence-transformers>=6"],
     "bench": ["matplotlib", "tqdm"],
     # peers the benchmarks compare against, when installed (Triton kernels: CUDA only)
     "peers": ["memeff", "inf_cl"],
