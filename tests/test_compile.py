@@ -97,6 +97,14 @@ def _eager_and_compiled(fn, inputs, **compile_kwargs):
     return results
 
 
+def assert_compiled_matches(loss_fn, inputs, rtol=None, atol=None, **compile_kwargs):
+    """The compiled loss and the gradients of every input equal the eager ones."""
+    (want, want_grads), (got, got_grads) = _eager_and_compiled(loss_fn, inputs, **compile_kwargs)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+
+
 def _compiled_backends(backend):
     # Seen with torch 2.13/triton 3.8: a triton_op runs eagerly on CPU tensors under the
     # interpreter, but torch.compile cannot trace it there (fake tensors have no data
@@ -115,10 +123,7 @@ def test_compile_fullgraph_contrastive(backend, normalize):
                                           backend=backend)
 
     inputs = (torch.randn(13, 6), torch.randn(13, 6), torch.tensor(5.0))
-    (want, want_grads), (got, got_grads) = _eager_and_compiled(loss_fn, inputs, backend="aot_eager")
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w)
+    assert_compiled_matches(loss_fn, inputs, backend="aot_eager")
 
 
 def test_compile_fullgraph_inductor_auto_backend_contrastive():
@@ -132,29 +137,18 @@ def test_compile_fullgraph_inductor_auto_backend_contrastive():
         return loss + mmkernels.normalized_similarity(a, b, s).mean()
 
     inputs = (torch.randn(10, 8), torch.randn(10, 8), torch.tensor(3.0))
-    (want, want_grads), (got, got_grads) = _eager_and_compiled(loss_fn, inputs)
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches(loss_fn, inputs, rtol=1e-5, atol=1e-6)
 
 
 def test_compile_fullgraph_siglip(backend):
-    if backend == "triton":
-        pytest.skip("compile of triton ops is checked on GPU (tests marked cuda)")
+    _compiled_backends(backend)
     torch._dynamo.reset()
 
     def loss_fn(a, b, s, bias):
         return mmkernels.siglip_loss(a, b, s, bias, normalize=True, backend=backend)
 
     inputs = (torch.randn(13, 6), torch.randn(13, 6), torch.tensor(5.0), torch.tensor(-2.0))
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True, backend="aot_eager")):
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach()] + [x.grad for x in leaves])
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want)
+    assert_compiled_matches(loss_fn, inputs, backend="aot_eager")
 
 
 def test_compile_fullgraph_inductor_auto_backend_siglip():
@@ -181,14 +175,7 @@ def test_compile_fullgraph_inductor_cpu_backend_siglip():
         return mmkernels.siglip_loss(a, b, s, bias, normalize=True, backend="cpu")
 
     inputs = (torch.randn(21, 6), torch.randn(21, 6), torch.tensor(5.0), torch.tensor(-2.0))
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach()] + [x.grad for x in leaves])
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want)
+    assert_compiled_matches(loss_fn, inputs)
 
 
 # --- GPU: the cuda backend ----------------------------------------------------------
@@ -203,16 +190,7 @@ def test_cuda_compile_fullgraph_cuda_backend_contrastive():
 
     inputs = [torch.randn(77, 16, device="cuda"), torch.randn(77, 16, device="cuda"),
               torch.tensor(5.0, device="cuda")]
-    results = []
-    for f in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        leaves = [x.detach().clone().requires_grad_() for x in inputs]
-        loss = f(*leaves)
-        loss.backward()
-        results.append((loss.detach(), [x.grad for x in leaves]))
-    (want, want_grads), (got, got_grads) = results
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches(loss_fn, inputs, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda
@@ -225,14 +203,7 @@ def test_cuda_compile_fullgraph_cuda_backend_siglip():
 
     inputs = [torch.randn(77, 16, device="cuda"), torch.randn(77, 16, device="cuda"),
               torch.tensor(5.0, device="cuda"), torch.tensor(-2.0, device="cuda")]
-    results = []
-    for f in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        loss = f(*leaves)
-        loss.backward()
-        results.append([loss.detach()] + [t.grad for t in leaves])
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches(loss_fn, inputs, rtol=1e-5, atol=1e-6)
 
 
 # --- GPU: the triton backend --------------------------------------------------------
@@ -259,15 +230,7 @@ def test_cuda_opcheck_and_compile_fullgraph_triton_primitive_and_similarity():
         loss = mmkernels.contrastive_loss(x, y, t, normalize=True, label_smoothing=0.1, backend="triton")
         return loss + mmkernels.normalized_similarity(x, y, t).float().mean()
 
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        x, y = a[:200].clone().requires_grad_(), b.clone().requires_grad_()
-        t = s.clone().requires_grad_()
-        loss = fn(x, y, t)
-        loss.backward()
-        results.append([loss.detach(), x.grad, y.grad, t.grad])
-    for eager, compiled in zip(*results):
-        torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-3)
+    assert_compiled_matches(loss_fn, (a[:200], b, s), rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.cuda
@@ -287,12 +250,4 @@ def test_cuda_opcheck_and_compile_fullgraph_triton_siglip():
     def loss_fn(x, y, scale, bias):
         return mmkernels.siglip_loss(x, y, scale, bias, normalize=True, backend="triton")
 
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        leaves = [a[:200].clone().requires_grad_(), b.clone().requires_grad_(),
-                  s.clone().requires_grad_(), t.clone().requires_grad_()]
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach()] + [x.grad for x in leaves])
-    for eager, compiled in zip(*results):
-        torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-3)
+    assert_compiled_matches(loss_fn, (a[:200], b, s, t), rtol=1e-2, atol=1e-3)

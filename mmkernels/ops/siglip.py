@@ -158,20 +158,28 @@ def _positives(tile: Tensor, i0: int, j0: int, positives_on_diagonal: bool) -> T
     return diagonal if diagonal.numel() else None
 
 
-@torch.library.custom_op("mmkernels::torch_siglip_fwd", mutates_args=())
-def _torch_siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, normalize: bool,
-                      positives_on_diagonal: bool) -> Tensor:
-    ah, bh = scaled_operand(a, normalize), scaled_operand(b, normalize)
+def _logit_tiles(ah: Tensor, bh: Tensor, scale: Tensor, bias: Tensor, positives_on_diagonal: bool):
+    """Every tile of S + bias, computed into one reused buffer: yields
+    ``(i0, i1, j0, j1, x, positives, x_pos)``, ``positives`` the view of the tile's
+    positive pairs (or None) and ``x_pos`` their values, kept before the caller
+    overwrites ``x`` in place."""
     alpha = scale.item()  # the matmul applies it for free, and adds the bias
     n, m = ah.shape[0], bh.shape[0]
-    row = ah.new_zeros(n)
-    zero = ah.new_zeros(())
     buffers = TileBuffers(1, ah, n, m)
     for i0, i1, j0, j1 in tiles(n, m, ah.device):
         (x,) = buffers.views(i1 - i0, j1 - j0)
         torch.addmm(bias, ah[i0:i1], bh[j0:j1].T, alpha=alpha, out=x)
         positives = _positives(x, i0, j0, positives_on_diagonal)
-        x_pos = None if positives is None else positives.clone()
+        yield i0, i1, j0, j1, x, positives, None if positives is None else positives.clone()
+
+
+@torch.library.custom_op("mmkernels::torch_siglip_fwd", mutates_args=())
+def _torch_siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, normalize: bool,
+                      positives_on_diagonal: bool) -> Tensor:
+    ah, bh = scaled_operand(a, normalize), scaled_operand(b, normalize)
+    row = ah.new_zeros(ah.shape[0])
+    zero = ah.new_zeros(())
+    for i0, i1, _, _, x, positives, x_pos in _logit_tiles(ah, bh, scale, bias, positives_on_diagonal):
         # Negatives: softplus(x) = logaddexp(x, 0), stable for any |x|, in one pass.
         torch.logaddexp(x, zero, out=x)
         if positives is not None:
@@ -184,17 +192,11 @@ def _torch_siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, normali
 def _torch_siglip_bwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, normalize: bool,
                       positives_on_diagonal: bool, g_row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ah, bh = scaled_operand(a, normalize), scaled_operand(b, normalize)
-    alpha = scale.item()
-    n, m = ah.shape[0], bh.shape[0]
     pb = torch.zeros_like(ah)
     pa = torch.zeros_like(bh)
-    p_row = ah.new_zeros(n)
-    buffers = TileBuffers(1, ah, n, m)
-    for i0, i1, j0, j1 in tiles(n, m, ah.device):
-        (p,) = buffers.views(i1 - i0, j1 - j0)
-        torch.addmm(bias, ah[i0:i1], bh[j0:j1].T, alpha=alpha, out=p)
-        positives = _positives(p, i0, j0, positives_on_diagonal)
-        x_pos = None if positives is None else positives.clone()
+    p_row = ah.new_zeros(ah.shape[0])
+    for i0, i1, j0, j1, p, positives, x_pos in _logit_tiles(ah, bh, scale, bias,
+                                                            positives_on_diagonal):
         p.sigmoid_()  # negatives: d softplus(x) / dx
         if positives is not None:  # -sigmoid(-x): exact even when sigmoid(x) rounds to 1
             positives.copy_(torch.sigmoid(-x_pos).neg_())
