@@ -50,6 +50,16 @@ def compare(ours, reference, inputs, dtype, *, scale=None, what="", rtol=None):
         assert_matches(g, r, dtype, f"{what} {name}", s, rtol)
 
 
+def gradcheck_fp64(op, n, m, d, *scalars):
+    """torch.autograd.gradcheck of ``op(a, b, *scalars, normalize=...)`` in fp64, for
+    normalize False and True, w.r.t. a (n, d), b (m, d) and every scalar (numbers)."""
+    a = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
+    leaves = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in scalars]
+    for normalize in (False, True):
+        assert torch.autograd.gradcheck(lambda *xs: op(*xs, normalize=normalize), (a, b, *leaves))
+
+
 def _as_tuple(out):
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 

@@ -10,23 +10,15 @@ peak; the peak counter (VmHWM) is reset after warm-up through
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-import mmkernels
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for benchmarks/
 
-
-def rss_mib(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+import mmkernels  # noqa: E402
+from benchmarks.common import reset_peak_rss as reset_peak  # noqa: E402,F401
+from benchmarks.common import rss_mib  # noqa: E402
 
 
 def main():

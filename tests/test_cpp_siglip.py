@@ -22,7 +22,7 @@ import torch
 import mmkernels
 from mmkernels import _extension
 from mmkernels.ops import siglip
-from test_cpp import cpu_tiles, cuda_bands, isa  # noqa: F401  (fixtures)
+from test_cpp import cpu_tiles, cuda_bands  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(not _extension.cpu_built(),
                                 reason=f"extension not built: {_extension.why_unavailable()}")

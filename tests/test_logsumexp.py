@@ -5,7 +5,7 @@ import torch
 
 import mmkernels
 import reference
-from compare_to_reference import compare
+from compare_to_reference import compare, gradcheck_fp64
 from tolerances import fp32_logit_rtol
 
 
@@ -55,13 +55,8 @@ def test_logsumexp_one_output_used(backend, small_tiles):
 
 
 def test_logsumexp_gradcheck(backend, small_tiles):
-    a = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
-    s = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
-    for normalize in (False, True):
-        fn = lambda a, b, s: mmkernels.similarity_logsumexp(  # noqa: E731
-            a, b, s, normalize=normalize, backend=backend)
-        assert torch.autograd.gradcheck(fn, (a, b, s))
+    gradcheck_fp64(lambda a, b, s, normalize: mmkernels.similarity_logsumexp(
+        a, b, s, normalize=normalize, backend=backend), 9, 11, 4, 1.7)
 
 
 def test_normalize_handles_zero_rows(backend, small_tiles):

@@ -13,7 +13,7 @@ import torch
 
 import mmkernels
 import siglip_reference as reference
-from compare_to_reference import compare
+from compare_to_reference import compare, gradcheck_fp64
 from mmkernels.ops import siglip
 from tolerances import fp32_logit_rtol
 
@@ -125,14 +125,9 @@ def test_siglip_zero_scale_gradient(backend):
 
 
 def test_siglip_gradcheck(backend, small_tiles):
-    a = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
-    s = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    bias = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
-    for normalize in (False, True):
-        fn = lambda a, b, s, bias: mmkernels.siglip_loss(  # noqa: E731
-            a, b, s, bias, normalize=normalize, reduction="none", backend=backend)
-        assert torch.autograd.gradcheck(fn, (a, b, s, bias))
+    gradcheck_fp64(lambda a, b, s, bias, normalize: mmkernels.siglip_loss(
+        a, b, s, bias, normalize=normalize, reduction="none", backend=backend),
+        10, 10, 6, 2.0, -1.0)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
