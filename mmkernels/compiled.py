@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from mmkernels import _extension
-from mmkernels.ops import logsumexp, siglip, similarity
+from mmkernels.ops import logsumexp, masked_logsumexp, siglip, similarity
 
 if not (_extension.cpu_built() or _extension.cuda_built()):
     raise ImportError(_extension.why_unavailable() or "mmkernels._C holds no kernels")
@@ -53,6 +53,9 @@ BACKENDS = ("cpu", "cuda")
 logsumexp.KERNELS.register(BACKENDS, lse_fwd, lse_bwd)
 siglip.KERNELS.register(BACKENDS, siglip_fwd, siglip_bwd)
 similarity.KERNELS.register(BACKENDS, similarity_fwd, similarity_bwd)
+if _extension.cuda_built():  # the masked primitive's CUDA kernels (csrc/cuda/)
+    masked_logsumexp.KERNELS.register("cuda", _ops.compiled_masked_lse_fwd.default,
+                                      _ops.compiled_masked_lse_bwd.default)
 
 
 def cpu_isa() -> str:

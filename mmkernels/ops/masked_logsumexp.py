@@ -43,8 +43,8 @@ compute (a product not asked for is returned empty, shape (0,), and costs
 nothing: 3 N x M x D products instead of 4 when ``a`` or ``b`` is a constant);
 the rules come as :class:`Exclusions` prepared them (``positives`` always an (N,)
 int64 tensor; the others None or tensors on the features' device, thresholds
-in the compute dtype). Backends with these kernels so far: naive, torch; the
-compiled (cpu, cuda) and triton backends run the unmasked primitive only.
+in the compute dtype). Backends with these kernels so far: naive, torch, cuda
+(csrc/cuda/); the compiled cpu and the triton backends run the unmasked primitive only.
 """
 
 from __future__ import annotations
