@@ -15,9 +15,8 @@ op                           contract
 ===========================  ========================================================
 ``compiled_lse_fwd``         ``(a, b, scale, normalize) -> (row_lse, col_lse)``
 ``compiled_lse_bwd``         ``(a, b, scale, normalize, row_lse, col_lse, g_row, g_col) -> (pb, pa)``
-``compiled_masked_lse_fwd``  ``(a, b, scale, normalize, <the six rules>) -> (row_lse, col_lse)`` (cpu)
-``compiled_masked_lse_bwd``  ``(a, b, scale, normalize, <the six rules>, row_lse, col_lse, g_row, g_col,
-                             compute_pb, compute_pa) -> (pb, pa)`` (cpu)
+``compiled_masked_lse_fwd``  ``(a, b, scale, normalize, <the six rules>) -> (row_lse, col_lse)``
+``compiled_masked_lse_bwd``  ``(a, b, scale, normalize, <the six rules>, <the lse bwd's four>, compute_pb, compute_pa) -> (pb, pa)``
 ``compiled_siglip_fwd``      ``(a, b, scale, bias, normalize, positives_on_diagonal) -> row``
 ``compiled_siglip_bwd``      ``(a, b, scale, bias, normalize, positives_on_diagonal, g_row) -> (pb, pa, p_row)``
 ``compiled_similarity_fwd``  ``(a, b, scale) -> S`` (input dtype)
@@ -58,8 +57,10 @@ BACKENDS = ("cpu", "cuda")
 logsumexp.KERNELS.register(BACKENDS, lse_fwd, lse_bwd)
 siglip.KERNELS.register(BACKENDS, siglip_fwd, siglip_bwd)
 similarity.KERNELS.register(BACKENDS, similarity_fwd, similarity_bwd)
-# The masked primitive has CPU kernels only, so far.
-masked_logsumexp.KERNELS.register("cpu", masked_lse_fwd, masked_lse_bwd)
+# The masked primitive: CPU kernels always, CUDA ones when built with them (one
+# registration: the autograd formula attaches once per op).
+masked_logsumexp.KERNELS.register(("cpu", "cuda") if _extension.cuda_built() else "cpu",
+                                  masked_lse_fwd, masked_lse_bwd)
 
 
 def products_computed() -> tuple[int, int, int]:

@@ -105,7 +105,8 @@ def table(rows) -> str:
 def test_no_kernel_spills_or_uses_local_memory():
     rows = resources()
     kernels = {r["kernel"] for r in rows}
-    assert len(rows) == 2 * len(kernels) >= 2 * 24, f"expected every kernel for both archs:\n{table(rows)}"
+    # 24 kernels of the unmasked ops, 9 masked instantiations of the primitive's (4 forward, 5 backward).
+    assert len(rows) == 2 * len(kernels) >= 2 * 33, f"expected every kernel for both archs:\n{table(rows)}"
     bad = [r for r in rows if r["stack"] or r["stores"] or r["loads"] or r["smem"] > SMEM_LIMIT]
     assert not bad, "spills, local memory or too much shared memory:\n" + table(bad)
     print("\n" + table(rows))

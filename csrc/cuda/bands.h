@@ -50,11 +50,12 @@ inline int64_t fwd_part_rows(int64_t band) { return ceil_div(band, kTileRows); }
 
 // The whole forward: row_lse (n,) complete, and col_max / col_sum (m,), which
 // enter as -inf / 0, folded over every band in band order. Returns the first error.
-inline cudaError_t lse_fwd_bands(const Operands& x, int64_t band, void* row_lse, void* part_max, void* part_sum,
-                                 void* col_max, void* col_sum, cudaStream_t stream) {
+inline cudaError_t lse_fwd_bands(const Operands& x, const Rules& rules, int64_t band, void* row_lse,
+                                 void* part_max, void* part_sum, void* col_max, void* col_sum,
+                                 cudaStream_t stream) {
   for (int64_t r0 = 0; r0 < x.n; r0 += band) {
     const int64_t rows = std::min(band, x.n - r0);
-    cudaError_t error = lse_fwd_band(x, r0, rows, row_lse, part_max, part_sum, stream);
+    cudaError_t error = lse_fwd_band(x, rules, r0, rows, row_lse, part_max, part_sum, stream);
     if (error != cudaSuccess) return error;
     error = merge_col_stats(compute_of(x.dtype), part_max, part_sum, fwd_part_rows(rows), x.m, col_max, col_sum,
                             stream);
@@ -66,15 +67,24 @@ inline cudaError_t lse_fwd_bands(const Operands& x, int64_t band, void* row_lse,
 // SigLIP's backward keeps, besides a band of P, its row sums per 64 columns.
 inline int64_t siglip_col_blocks(int64_t m) { return ceil_div(m, kTileCols); }
 
+// Which of the backward's products a call asks for: both, or one for a frozen side.
+struct Products {
+  bool pb = true, pa = true;
+};
+
 // The backward's band loop: write_p(r0, rows) fills a band of P (rows, m);
-// products(r0, rows, accumulate) then computes pb[r0 : r0 + rows] = P @ Bh and
-// pa (+)= P^T @ Ah[r0 : r0 + rows], accumulating from the second band on.
-template <typename WriteP, typename Products>
-void backward_band_loop(int64_t n, int64_t band, WriteP&& write_p, Products&& products) {
+// then pb_band(r0, rows) computes pb[r0 : r0 + rows] = P @ Bh and
+// pa_band(r0, rows, accumulate) pa (+)= P^T @ Ah[r0 : r0 + rows], accumulating
+// from the second band on; each only when `asked` (nothing at all for neither).
+template <typename WriteP, typename PbBand, typename PaBand>
+void backward_band_loop(int64_t n, int64_t band, Products asked, WriteP&& write_p, PbBand&& pb_band,
+                        PaBand&& pa_band) {
+  if (!asked.pb && !asked.pa) return;
   for (int64_t r0 = 0; r0 < n; r0 += band) {
     const int64_t rows = std::min(band, n - r0);
     write_p(r0, rows);
-    products(r0, rows, /*accumulate=*/r0 > 0);
+    if (asked.pb) pb_band(r0, rows);
+    if (asked.pa) pa_band(r0, rows, /*accumulate=*/r0 > 0);
   }
 }
 

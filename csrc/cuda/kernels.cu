@@ -10,6 +10,9 @@
 //                      written out (merge_col_stats_kernel folds them)
 //   lse_bwd_p_kernel   P for one tile, written out (the host multiplies P by
 //                      the operands with cuBLAS)
+//                      Both take kMasked: with it, the exclusion rules
+//                      (launch.h's Rules) mask each tile; without it they
+//                      are the unmasked primitive's kernels, code for code
 //   similarity_kernel  the rank-1 rescaled tile, rounded to the output dtype
 //   siglip_fwd_kernel  a block walks its 64 rows across all column tiles,
 //                      two threads a row (one per half tile) summing softplus
@@ -43,6 +46,9 @@ constexpr int kLdc = BN + 4;  // row stride of the tile of dot products (wmma: a
 // tests/test_cuda_resources.py fails on any spill.
 template <typename T> constexpr int kMinBlocks = 4;
 template <> constexpr int kMinBlocks<double> = 3;
+// The masked fp64 forward spilled at 3 blocks (sm_80 and sm_90): 2 leave it 255 registers.
+template <typename T, bool kMasked> constexpr int kFwdMinBlocks = kMinBlocks<T>;
+template <> constexpr int kFwdMinBlocks<double, true> = 2;
 
 // --- element types --------------------------------------------------------------
 
@@ -233,18 +239,75 @@ __device__ __forceinline__ A col_factor(const A* rb, int64_t j) {
   return rb == nullptr ? A(1) : rb[j];
 }
 
+// --- the exclusion rules (mmkernels/ops/masked_logsumexp.py) -------------------------
+
+// launch.h's Rules with typed thresholds: a kernel parameter.
+template <typename A>
+struct MaskRules {
+  bool exclude_diagonal;
+  const int64_t* positives;
+  const int64_t* row_groups;
+  const int64_t* col_groups;
+  const A* row_threshold;
+  const A* col_threshold;
+};
+
+// What the mask of a 64 x 64 tile reads, staged in shared memory from O(64)
+// loads (the rows' positives, groups and thresholds, the columns' groups and
+// thresholds), so that deciding an entry is a few compares on shared values.
+template <typename A>
+struct TileMask {
+  int64_t positive[BM], row_group[BM], col_group[BN];
+  A row_threshold[BM], col_threshold[BN];
+
+  // Threads 0..63 stage rows r0.., threads 64..127 columns c0.. (nothing past the edges).
+  __device__ void stage_rows(const MaskRules<A>& r, int64_t r0, int64_t rows_end) {
+    const int i = threadIdx.x;
+    if (i >= BM || r0 + i >= rows_end) return;
+    positive[i] = r.positives != nullptr ? r.positives[r0 + i] : -1;
+    if (r.row_groups != nullptr) row_group[i] = r.row_groups[r0 + i];
+    if (r.row_threshold != nullptr) row_threshold[i] = r.row_threshold[r0 + i];
+  }
+
+  __device__ void stage_cols(const MaskRules<A>& r, int64_t c0, int64_t m) {
+    const int j = static_cast<int>(threadIdx.x) - BM;
+    if (j < 0 || j >= BN || c0 + j >= m) return;
+    if (r.col_groups != nullptr) col_group[j] = r.col_groups[c0 + j];
+    if (r.col_threshold != nullptr) col_threshold[j] = r.col_threshold[c0 + j];
+  }
+
+  // Entry (i, j) of the tile, global (gi, gj), logit s: out of both
+  // statistics (diagonal, groups), of row i's (row threshold), of column j's
+  // (column threshold); never the row's positive. A NaN logit compares false: it stays.
+  __device__ bool common(const MaskRules<A>& r, int i, int j, int64_t gi, int64_t gj) const {
+    return (r.exclude_diagonal && gi == gj) || (r.row_groups != nullptr && row_group[i] == col_group[j]);
+  }
+  __device__ bool out_of_row(const MaskRules<A>& r, int i, int j, int64_t gi, int64_t gj, A s) const {
+    return (common(r, i, j, gi, gj) || (r.row_threshold != nullptr && s > row_threshold[i])) && gj != positive[i];
+  }
+  __device__ bool out_of_col(const MaskRules<A>& r, int i, int j, int64_t gi, int64_t gj, A s) const {
+    return (common(r, i, j, gi, gj) || (r.col_threshold != nullptr && s > col_threshold[j])) && gj != positive[i];
+  }
+};
+
 // --- kernels ----------------------------------------------------------------------
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
+// Bit k of `kept`: entry k of a thread's row (column) of the tile stays in
+// its statistic. Always true unmasked, where `kept` is never written.
+template <bool kMasked>
+__device__ __forceinline__ bool stays(uint64_t kept, int k) { return !kMasked || ((kept >> k) & 1u); }
+
+template <typename T, bool kMasked>
+__global__ void __launch_bounds__(kThreads, kFwdMinBlocks<T, kMasked>)
 lse_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t m, int64_t d,
                const typename AccOf<T>::type* ra, const typename AccOf<T>::type* rb,
-               const typename AccOf<T>::type* scale, int64_t row0, int64_t band_end,
-               typename AccOf<T>::type* row_lse, typename AccOf<T>::type* part_max,
+               const typename AccOf<T>::type* scale, MaskRules<typename AccOf<T>::type> rules, int64_t row0,
+               int64_t band_end, typename AccOf<T>::type* row_lse, typename AccOf<T>::type* part_max,
                typename AccOf<T>::type* part_sum) {
   using Tile = typename TileFor<T>::type;
   using A = typename AccOf<T>::type;
   MMK_SHARED_TILE(Tile, slices, c);
+  __shared__ TileMask<A> mask;  // unreferenced, so not allocated, unmasked
   const int t = threadIdx.x;
   const int64_t r0 = row0 + static_cast<int64_t>(blockIdx.x) * BM;
   const int rows = static_cast<int>(band_end - r0 < BM ? band_end - r0 : BM);
@@ -252,28 +315,58 @@ lse_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t m, int6
   const bool owns_row = t < rows;
   const A sa = owns_row ? row_factor(scale, ra, r0 + t) : A(0);
   A run_max = neg_inf(A(0)), run_sum = 0;
+  if constexpr (kMasked) mask.stage_rows(rules, r0, band_end);
 
+  // An excluded entry counts as -inf: it is skipped in the max and the sum, so
+  // a statistic with nothing left keeps max -inf, shift 0 and sum 0 (no NaN).
   for (int64_t c0 = 0; c0 < m; c0 += BN) {
     Tile::compute(a, b, band_end, m, d, r0, c0, slices, c);
+    if constexpr (kMasked) mask.stage_cols(rules, c0, m);
     __syncthreads();
     const int cols = static_cast<int>(m - c0 < BN ? m - c0 : BN);
     if (owns_row) {
       A tile_max = neg_inf(A(0));
-      for (int j = 0; j < cols; ++j) tile_max = max_(tile_max, sa * col_factor(rb, c0 + j) * c[t][j]);
+      uint64_t kept = ~uint64_t{0};
+      if constexpr (kMasked) {
+        for (int j = 0; j < cols; ++j) {
+          const A s = sa * col_factor(rb, c0 + j) * c[t][j];
+          if (mask.out_of_row(rules, t, j, r0 + t, c0 + j, s)) {
+            kept &= ~(uint64_t{1} << j);
+          } else {
+            tile_max = max_(tile_max, s);
+          }
+        }
+      } else {
+        for (int j = 0; j < cols; ++j) tile_max = max_(tile_max, sa * col_factor(rb, c0 + j) * c[t][j]);
+      }
       const A new_max = max_(run_max, tile_max);
       const A shift = safe_shift(new_max);
       A sum = 0;
-      for (int j = 0; j < cols; ++j) sum += exp_(sa * col_factor(rb, c0 + j) * c[t][j] - shift);
+      for (int j = 0; j < cols; ++j)
+        if (stays<kMasked>(kept, j)) sum += exp_(sa * col_factor(rb, c0 + j) * c[t][j] - shift);
       run_sum = run_sum * exp_(run_max - shift) + sum;
       run_max = new_max;
     } else if (t >= BM && t - BM < cols) {
       const int j = t - BM;
       const A rbj = col_factor(rb, c0 + j);
       A col_max = neg_inf(A(0));
-      for (int i = 0; i < rows; ++i) col_max = max_(col_max, row_factor(scale, ra, r0 + i) * rbj * c[i][j]);
+      uint64_t kept = ~uint64_t{0};
+      if constexpr (kMasked) {
+        for (int i = 0; i < rows; ++i) {
+          const A s = row_factor(scale, ra, r0 + i) * rbj * c[i][j];
+          if (mask.out_of_col(rules, i, j, r0 + i, c0 + j, s)) {
+            kept &= ~(uint64_t{1} << i);
+          } else {
+            col_max = max_(col_max, s);
+          }
+        }
+      } else {
+        for (int i = 0; i < rows; ++i) col_max = max_(col_max, row_factor(scale, ra, r0 + i) * rbj * c[i][j]);
+      }
       const A shift = safe_shift(col_max);
       A sum = 0;
-      for (int i = 0; i < rows; ++i) sum += exp_(row_factor(scale, ra, r0 + i) * rbj * c[i][j] - shift);
+      for (int i = 0; i < rows; ++i)
+        if (stays<kMasked>(kept, i)) sum += exp_(row_factor(scale, ra, r0 + i) * rbj * c[i][j] - shift);
       const int64_t at = static_cast<int64_t>(blockIdx.x) * m + c0 + j;
       part_max[at] = col_max;
       part_sum[at] = sum;
@@ -300,26 +393,44 @@ __global__ void merge_col_stats_kernel(const A* part_max, const A* part_sum, int
   col_sum[j] = run_sum;
 }
 
-template <typename T, typename P>
+// S here is the forward's bit for bit: the same Tile::compute on the same
+// 64 x 64 tile (bands start at multiples of 64), so the same k order, and the
+// same epilogue products (scale * ra[i]) * rb[j] * dot; a threshold at a tie
+// decides as in the forward.
+template <typename T, typename P, bool kMasked>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
 lse_bwd_p_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t m, int64_t d,
                  const typename AccOf<T>::type* ra, const typename AccOf<T>::type* rb,
-                 const typename AccOf<T>::type* scale, int64_t row0, int64_t band_end,
-                 const typename AccOf<T>::type* row_lse, const typename AccOf<T>::type* g_row,
+                 const typename AccOf<T>::type* scale, MaskRules<typename AccOf<T>::type> rules, int64_t row0,
+                 int64_t band_end, const typename AccOf<T>::type* row_lse, const typename AccOf<T>::type* g_row,
                  const typename AccOf<T>::type* col_lse, const typename AccOf<T>::type* g_col, P* p) {
   using Tile = typename TileFor<T>::type;
   using A = typename AccOf<T>::type;
   MMK_SHARED_TILE(Tile, slices, c);
+  __shared__ TileMask<A> mask;  // unreferenced, so not allocated, unmasked
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * BN;
   const int64_t r0 = row0 + static_cast<int64_t>(blockIdx.y) * BM;
   Tile::compute(a, b, band_end, m, d, r0, c0, slices, c);
+  if constexpr (kMasked) {
+    mask.stage_rows(rules, r0, band_end);
+    mask.stage_cols(rules, c0, m);
+  }
   __syncthreads();
   for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
     const int i = e / BN, j = e % BN;  // consecutive threads: consecutive columns
     const int64_t gi = r0 + i, gj = c0 + j;
     if (gi >= band_end || gj >= m) continue;
     const A s = row_factor(scale, ra, gi) * col_factor(rb, gj) * c[i][j];
-    const A value = g_row[gi] * exp_(s - row_lse[gi]) + g_col[gj] * exp_(s - col_lse[gj]);
+    A value;
+    if constexpr (kMasked) {
+      // A term is selected, not multiplied by a 0/1 mask: an excluded entry's
+      // exp(s - lse) may be inf (lse = -inf when all of its row is out).
+      const A row_term = mask.out_of_row(rules, i, j, gi, gj, s) ? A(0) : g_row[gi] * exp_(s - row_lse[gi]);
+      const A col_term = mask.out_of_col(rules, i, j, gi, gj, s) ? A(0) : g_col[gj] * exp_(s - col_lse[gj]);
+      value = row_term + col_term;
+    } else {
+      value = g_row[gi] * exp_(s - row_lse[gi]) + g_col[gj] * exp_(s - col_lse[gj]);
+    }
     if constexpr (sizeof(P) == sizeof(A)) {
       p[(gi - row0) * m + gj] = value;
     } else {
@@ -436,29 +547,51 @@ similarity_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t n, i
 
 // --- launchers ------------------------------------------------------------------------
 
-template <typename T>
-cudaError_t launch_fwd(const Operands& x, int64_t row0, int64_t rows, void* row_lse, void* part_max,
-                       void* part_sum, cudaStream_t stream) {
+template <typename A>
+MaskRules<A> mask_rules(const Rules& r) {
+  return MaskRules<A>{r.exclude_diagonal, r.positives, r.row_groups, r.col_groups,
+                      static_cast<const A*>(r.row_threshold), static_cast<const A*>(r.col_threshold)};
+}
+
+// The masked instantiation only when a rule is on: positives alone exclude nothing.
+template <typename T, bool kMasked>
+cudaError_t launch_fwd_as(const Operands& x, const Rules& rules, int64_t row0, int64_t rows, void* row_lse,
+                          void* part_max, void* part_sum, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, BM)));
-  lse_fwd_kernel<T><<<grid, kThreads, 0, stream>>>(
+  lse_fwd_kernel<T, kMasked><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(x.a), static_cast<const T*>(x.b), x.m, x.d, static_cast<const A*>(x.ra),
-      static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), row0, row0 + rows,
+      static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), mask_rules<A>(rules), row0, row0 + rows,
       static_cast<A*>(row_lse), static_cast<A*>(part_max), static_cast<A*>(part_sum));
   return cudaGetLastError();
 }
 
-template <typename T, typename P>
-cudaError_t launch_bwd(const Operands& x, int64_t row0, int64_t rows, const void* row_lse, const void* g_row,
-                       const void* col_lse, const void* g_col, void* p, cudaStream_t stream) {
+template <typename T>
+cudaError_t launch_fwd(const Operands& x, const Rules& rules, int64_t row0, int64_t rows, void* row_lse,
+                       void* part_max, void* part_sum, cudaStream_t stream) {
+  return rules.any() ? launch_fwd_as<T, true>(x, rules, row0, rows, row_lse, part_max, part_sum, stream)
+                     : launch_fwd_as<T, false>(x, rules, row0, rows, row_lse, part_max, part_sum, stream);
+}
+
+template <typename T, typename P, bool kMasked>
+cudaError_t launch_bwd_as(const Operands& x, const Rules& rules, int64_t row0, int64_t rows, const void* row_lse,
+                          const void* g_row, const void* col_lse, const void* g_col, void* p, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
   const dim3 grid(static_cast<unsigned>(ceil_div(x.m, BN)), static_cast<unsigned>(ceil_div(rows, BM)));
-  lse_bwd_p_kernel<T, P><<<grid, kThreads, 0, stream>>>(
+  lse_bwd_p_kernel<T, P, kMasked><<<grid, kThreads, 0, stream>>>(
       static_cast<const T*>(x.a), static_cast<const T*>(x.b), x.m, x.d, static_cast<const A*>(x.ra),
-      static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), row0, row0 + rows,
+      static_cast<const A*>(x.rb), static_cast<const A*>(x.scale), mask_rules<A>(rules), row0, row0 + rows,
       static_cast<const A*>(row_lse), static_cast<const A*>(g_row), static_cast<const A*>(col_lse),
       static_cast<const A*>(g_col), static_cast<P*>(p));
   return cudaGetLastError();
+}
+
+template <typename T, typename P>
+cudaError_t launch_bwd(const Operands& x, const Rules& rules, int64_t row0, int64_t rows, const void* row_lse,
+                       const void* g_row, const void* col_lse, const void* g_col, void* p, cudaStream_t stream) {
+  return rules.any()
+             ? launch_bwd_as<T, P, true>(x, rules, row0, rows, row_lse, g_row, col_lse, g_col, p, stream)
+             : launch_bwd_as<T, P, false>(x, rules, row0, rows, row_lse, g_row, col_lse, g_col, p, stream);
 }
 
 template <typename T>
@@ -497,13 +630,14 @@ cudaError_t launch_similarity(const Operands& x, void* out, cudaStream_t stream)
 
 }  // namespace
 
-cudaError_t lse_fwd_band(const Operands& x, int64_t row0, int64_t rows, void* row_lse, void* part_max,
-                         void* part_sum, cudaStream_t stream) {
+cudaError_t lse_fwd_band(const Operands& x, const Rules& rules, int64_t row0, int64_t rows, void* row_lse,
+                         void* part_max, void* part_sum, cudaStream_t stream) {
   switch (x.dtype) {
-    case DType::kHalf: return launch_fwd<__half>(x, row0, rows, row_lse, part_max, part_sum, stream);
-    case DType::kBFloat16: return launch_fwd<__nv_bfloat16>(x, row0, rows, row_lse, part_max, part_sum, stream);
-    case DType::kFloat: return launch_fwd<float>(x, row0, rows, row_lse, part_max, part_sum, stream);
-    case DType::kDouble: return launch_fwd<double>(x, row0, rows, row_lse, part_max, part_sum, stream);
+    case DType::kHalf: return launch_fwd<__half>(x, rules, row0, rows, row_lse, part_max, part_sum, stream);
+    case DType::kBFloat16:
+      return launch_fwd<__nv_bfloat16>(x, rules, row0, rows, row_lse, part_max, part_sum, stream);
+    case DType::kFloat: return launch_fwd<float>(x, rules, row0, rows, row_lse, part_max, part_sum, stream);
+    case DType::kDouble: return launch_fwd<double>(x, rules, row0, rows, row_lse, part_max, part_sum, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -523,20 +657,22 @@ cudaError_t merge_col_stats(DType compute, const void* part_max, const void* par
   return cudaGetLastError();
 }
 
-cudaError_t lse_bwd_band(const Operands& x, int64_t row0, int64_t rows, const void* row_lse,
-                         const void* g_row, const void* col_lse, const void* g_col, void* p,
-                         DType p_dtype, cudaStream_t stream) {
+cudaError_t lse_bwd_band(const Operands& x, const Rules& rules, int64_t row0, int64_t rows, const void* row_lse,
+                         const void* g_row, const void* col_lse, const void* g_col, void* p, DType p_dtype,
+                         cudaStream_t stream) {
   const bool bf16_p = p_dtype == DType::kBFloat16;
   switch (x.dtype) {
     case DType::kHalf:
-      return launch_bwd<__half, float>(x, row0, rows, row_lse, g_row, col_lse, g_col, p, stream);
+      return launch_bwd<__half, float>(x, rules, row0, rows, row_lse, g_row, col_lse, g_col, p, stream);
     case DType::kBFloat16:
-      return bf16_p ? launch_bwd<__nv_bfloat16, __nv_bfloat16>(x, row0, rows, row_lse, g_row, col_lse, g_col, p, stream)
-                    : launch_bwd<__nv_bfloat16, float>(x, row0, rows, row_lse, g_row, col_lse, g_col, p, stream);
+      return bf16_p ? launch_bwd<__nv_bfloat16, __nv_bfloat16>(x, rules, row0, rows, row_lse, g_row, col_lse,
+                                                                g_col, p, stream)
+                    : launch_bwd<__nv_bfloat16, float>(x, rules, row0, rows, row_lse, g_row, col_lse, g_col, p,
+                                                        stream);
     case DType::kFloat:
-      return launch_bwd<float, float>(x, row0, rows, row_lse, g_row, col_lse, g_col, p, stream);
+      return launch_bwd<float, float>(x, rules, row0, rows, row_lse, g_row, col_lse, g_col, p, stream);
     case DType::kDouble:
-      return launch_bwd<double, double>(x, row0, rows, row_lse, g_row, col_lse, g_col, p, stream);
+      return launch_bwd<double, double>(x, rules, row0, rows, row_lse, g_row, col_lse, g_col, p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -32,12 +32,33 @@ struct Operands {
   const void* scale;
 };
 
+// The exclusion rules of the masked primitive (mmkernels/ops/masked_logsumexp.py)
+// as device pointers, null where a rule is off: positives (n,) int64, -1 for
+// a row without one (null: no row has one); row_groups (n,) and col_groups (m,)
+// int64, both or neither; row_threshold (n,) and col_threshold (m,) in the
+// compute dtype. An entry leaves a statistic as the docstring there says; with
+// no rule on (the default) the kernels are the unmasked primitive's.
+struct Rules {
+  bool exclude_diagonal = false;
+  const int64_t* positives = nullptr;
+  const int64_t* row_groups = nullptr;
+  const int64_t* col_groups = nullptr;
+  const void* row_threshold = nullptr;
+  const void* col_threshold = nullptr;
+
+  bool any() const {
+    return exclude_diagonal || row_groups != nullptr || row_threshold != nullptr || col_threshold != nullptr;
+  }
+};
+
 // Forward over the band of rows [row0, row0 + rows): row_lse of those rows
 // (row_lse points at row 0), and per block of 64 rows the column statistics
 // part_max/part_sum (ceil(rows / 64), m): the max of each column over the
-// block's rows and the sum of exp(logit - that max).
-cudaError_t lse_fwd_band(const Operands& x, int64_t row0, int64_t rows, void* row_lse, void* part_max,
-                         void* part_sum, cudaStream_t stream);
+// block's rows and the sum of exp(logit - that max). Entries the rules
+// exclude count as -inf: a row or column block with nothing left has max
+// -inf and sum 0, so row_lse = -inf.
+cudaError_t lse_fwd_band(const Operands& x, const Rules& rules, int64_t row0, int64_t rows, void* row_lse,
+                         void* part_max, void* part_sum, cudaStream_t stream);
 
 // Folds `parts` rows of column statistics into the running col_max/col_sum (m,).
 cudaError_t merge_col_stats(DType compute, const void* part_max, const void* part_sum, int64_t parts,
@@ -45,8 +66,11 @@ cudaError_t merge_col_stats(DType compute, const void* part_max, const void* par
 
 // Backward over a band of rows: writes P[i - row0, j] = g_row[i] * exp(S[i, j] - row_lse[i])
 // + g_col[j] * exp(S[i, j] - col_lse[j]) into p (rows, m), of dtype p_dtype
-// (the compute dtype, or kBFloat16 for bf16 inputs).
-cudaError_t lse_bwd_band(const Operands& x, int64_t row0, int64_t rows, const void* row_lse,
+// (the compute dtype, or kBFloat16 for bf16 inputs); a term is 0 where the
+// rules exclude the entry from that row's (column's) statistic. S is the
+// forward's bit for bit (same tiles, same k order, same epilogue products),
+// so a threshold decides a tie as the forward did.
+cudaError_t lse_bwd_band(const Operands& x, const Rules& rules, int64_t row0, int64_t rows, const void* row_lse,
                          const void* g_row, const void* col_lse, const void* g_col, void* p,
                          DType p_dtype, cudaStream_t stream);
 

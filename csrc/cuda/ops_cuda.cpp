@@ -6,6 +6,8 @@
 // Backward: per band of rows, lse_bwd_band writes P (band x M, about 256 MiB), then
 // pb[band] = P @ Bh and pa += P^T @ Ah[band] with cuBLAS (at::mm): S is
 // recomputed once, 4 GEMM-equivalents in all, extra memory one band of P.
+// The masked primitive: the same kernels with its rules on (launch.h's Rules),
+// and a frozen side's product skipped (3 GEMM-equivalents).
 // SigLIP: the forward sums each row's losses in one pass over S (no scratch);
 // the backward is the primitive's, with P from siglip_bwd_band and p_row from
 // its per-tile row sums. Band lengths, scratch sizes and the order of the
@@ -106,32 +108,52 @@ void gemm_into(Tensor out, const Tensor& m1, const Tensor& m2, bool accumulate) 
 
 // The backward's products, one band of rows at a time: write_p(r0, rows, p,
 // p_dtype) fills rows [r0, r0 + rows) of P into p (rows, m), then
-// pb[band] = P @ Bh and pa += P^T @ Ah[band]. P and the operands of its
-// products are bf16 for bf16 inputs (tensor cores, fp32 accumulation and
-// output; bf16 has fp32's range, so small P entries do not flush), else the
-// compute dtype. `scratch_per_row`: bytes write_p needs besides a row of P.
+// pb[band] = P @ Bh and pa += P^T @ Ah[band], each only when asked for (a
+// product not asked for, and its operand, are never computed: an empty (0,)
+// tensor). P and the operands of its products are bf16 for bf16 inputs
+// (tensor cores, fp32 accumulation and output; bf16 has fp32's range, so
+// small P entries do not flush), else the compute dtype. `scratch_per_row`:
+// bytes write_p needs besides a row of P.
 template <typename WriteP>
 std::tuple<Tensor, Tensor> backward_bands(const Tensor& a, const Tensor& b, bool normalize,
-                                          int64_t scratch_per_row, WriteP&& write_p) {
+                                          int64_t scratch_per_row, WriteP&& write_p, Products asked = {}) {
   const int64_t n = a.size(0), m = b.size(0), d = a.size(1);
   const auto compute = compute_dtype(a.scalar_type());
+  const auto opts = a.options().dtype(compute);
+  auto product = [&](bool on, int64_t rows) { return on ? at::empty({rows, d}, opts) : at::empty({0}, opts); };
+  Tensor pb = product(asked.pb, n), pa = product(asked.pa, m);
+  if (!asked.pb && !asked.pa) return {pb, pa};
   const auto p_type = (a.scalar_type() == at::kBFloat16 && kHalfGemmToFloat) ? at::kBFloat16 : compute;
-  const Tensor ah = scaled_operand(a, normalize, p_type), bh = scaled_operand(b, normalize, p_type);
-  Tensor pb = at::empty({n, d}, a.options().dtype(compute)), pa = at::empty({m, d}, a.options().dtype(compute));
+  const Tensor ah = asked.pa ? scaled_operand(a, normalize, p_type) : Tensor();
+  const Tensor bh = asked.pb ? scaled_operand(b, normalize, p_type) : Tensor();
   const int64_t band = rows_per_band(n, m * at::elementSize(p_type) + scratch_per_row);
   Tensor pband = at::empty({band, m}, a.options().dtype(p_type));
   backward_band_loop(
-      n, band, [&](int64_t r0, int64_t rows) { write_p(r0, rows, pband.data_ptr(), dtype_of(p_type)); },
+      n, band, asked, [&](int64_t r0, int64_t rows) { write_p(r0, rows, pband.data_ptr(), dtype_of(p_type)); },
+      [&](int64_t r0, int64_t rows) {
+        gemm_into(pb.narrow(0, r0, rows), pband.narrow(0, 0, rows), bh, /*accumulate=*/false);
+      },
       [&](int64_t r0, int64_t rows, bool accumulate) {
-        const Tensor pv = pband.narrow(0, 0, rows);
-        gemm_into(pb.narrow(0, r0, rows), pv, bh, /*accumulate=*/false);
-        gemm_into(pa, pv.t(), ah.narrow(0, r0, rows), accumulate);
+        gemm_into(pa, pband.narrow(0, 0, rows).t(), ah.narrow(0, r0, rows), accumulate);
       });
   return {pb, pa};
 }
 
-std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
-  check_lse_fwd(a, b, scale);
+// The masked primitive's rules as the kernels take them: the data of the
+// caller's (checked, contiguous) tensors, null for a rule that is off.
+Rules rules_of(const Exclusions& e) {
+  auto data = [](const std::optional<Tensor>& t) -> const void* { return t.has_value() ? t->data_ptr() : nullptr; };
+  return Rules{e.exclude_diagonal,
+               e.positives.data_ptr<int64_t>(),
+               static_cast<const int64_t*>(data(e.row_groups)),
+               static_cast<const int64_t*>(data(e.col_groups)),
+               data(e.row_threshold),
+               data(e.col_threshold)};
+}
+
+// The forward of the primitive, with `rules` (none: the unmasked one); arguments checked.
+std::tuple<Tensor, Tensor> forward(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
+                                   const Rules& rules) {
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
   const int64_t n = a.size(0), m = b.size(0);
@@ -143,25 +165,64 @@ std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tenso
   const int64_t band = rows_per_band(n, fwd_bytes_per_row(m, dtype_of(compute)));
   Tensor part_max = at::empty({fwd_part_rows(band), m}, opts);
   Tensor part_sum = at::empty_like(part_max);
-  C10_CUDA_CHECK(lse_fwd_bands(p.x, band, row_lse.data_ptr(), part_max.data_ptr(), part_sum.data_ptr(),
+  C10_CUDA_CHECK(lse_fwd_bands(p.x, rules, band, row_lse.data_ptr(), part_max.data_ptr(), part_sum.data_ptr(),
                                col_max.data_ptr(), col_sum.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+  // An all-excluded column: max -inf, sum 0, so -inf + log(0) = -inf (not NaN).
   return {row_lse, col_max + col_sum.log()};
 }
 
-std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
-                                   const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row,
-                                   const Tensor& g_col) {
-  check_lse_bwd(a, b, scale, row_lse, col_lse, g_row, g_col);
+// The backward of the primitive, with `rules`, the products asked for; arguments checked.
+std::tuple<Tensor, Tensor> backward(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
+                                    const Rules& rules, const Tensor& row_lse, const Tensor& col_lse,
+                                    const Tensor& g_row, const Tensor& g_col, bool compute_pb, bool compute_pa) {
   const c10::cuda::CUDAGuard guard(a.device());
   const Prepared p = prepare(a, b, scale, normalize);
   const auto compute = compute_dtype(a.scalar_type());
   auto vec = [&](const Tensor& t) { return t.to(compute).contiguous(); };
   const Tensor rl = vec(row_lse), cl = vec(col_lse), gr = vec(g_row), gc = vec(g_col);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  return backward_bands(a, b, normalize, 0, [&](int64_t r0, int64_t rows, void* pband, DType p_dtype) {
-    C10_CUDA_CHECK(lse_bwd_band(p.x, r0, rows, rl.data_ptr(), gr.data_ptr(), cl.data_ptr(), gc.data_ptr(),
-                                pband, p_dtype, stream));
-  });
+  return backward_bands(
+      a, b, normalize, 0,
+      [&](int64_t r0, int64_t rows, void* pband, DType p_dtype) {
+        C10_CUDA_CHECK(lse_bwd_band(p.x, rules, r0, rows, rl.data_ptr(), gr.data_ptr(), cl.data_ptr(),
+                                    gc.data_ptr(), pband, p_dtype, stream));
+      },
+      Products{compute_pb, compute_pa});
+}
+
+std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
+  check_lse_fwd(a, b, scale);
+  return forward(a, b, scale, normalize, Rules{});
+}
+
+std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
+                                   const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row,
+                                   const Tensor& g_col) {
+  check_lse_bwd(a, b, scale, row_lse, col_lse, g_row, g_col);
+  return backward(a, b, scale, normalize, Rules{}, row_lse, col_lse, g_row, g_col, true, true);
+}
+
+using OptionalTensor = std::optional<Tensor>;
+
+std::tuple<Tensor, Tensor> masked_lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
+                                          bool exclude_diagonal, const Tensor& positives,
+                                          const OptionalTensor& row_groups, const OptionalTensor& col_groups,
+                                          const OptionalTensor& row_threshold, const OptionalTensor& col_threshold) {
+  const Exclusions e{exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold};
+  check_masked_lse_fwd(a, b, scale, e);
+  return forward(a, b, scale, normalize, rules_of(e));
+}
+
+std::tuple<Tensor, Tensor> masked_lse_bwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
+                                          bool exclude_diagonal, const Tensor& positives,
+                                          const OptionalTensor& row_groups, const OptionalTensor& col_groups,
+                                          const OptionalTensor& row_threshold, const OptionalTensor& col_threshold,
+                                          const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row,
+                                          const Tensor& g_col, bool compute_pb, bool compute_pa) {
+  const Exclusions e{exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold};
+  check_masked_lse_bwd(a, b, scale, e, row_lse, col_lse, g_row, g_col);
+  count_products(compute_pb || compute_pa, compute_pb, compute_pa);
+  return backward(a, b, scale, normalize, rules_of(e), row_lse, col_lse, g_row, g_col, compute_pb, compute_pa);
 }
 
 Tensor siglip_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, bool normalize,
@@ -241,6 +302,8 @@ int64_t set_band_rows(int64_t rows) { return g_band_rows.exchange(rows); }
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
   m.impl("compiled_lse_fwd", &lse_fwd);
   m.impl("compiled_lse_bwd", &lse_bwd);
+  m.impl("compiled_masked_lse_fwd", &masked_lse_fwd);
+  m.impl("compiled_masked_lse_bwd", &masked_lse_bwd);
   m.impl("compiled_siglip_fwd", &siglip_fwd_op);
   m.impl("compiled_siglip_bwd", &siglip_bwd_op);
   m.impl("compiled_similarity_fwd", &similarity_fwd_op);

@@ -3,10 +3,13 @@
 // plain host matrix product standing in for cuBLAS.
 //
 // Usage: driver JOBS. Each line of JOBS is one case:
-//   op dtype n m d normalize band_rows p_dtype positives dir
+//   op dtype n m d normalize band_rows p_dtype positives dir [rules products]
 // op: fwd, bwd, sfwd, sbwd or sim; dtypes: f16, bf16, f32, f64. The inputs are
 // raw little-endian arrays dir/NAME.bin (lane.py writes them), the outputs
-// too. A separate process, so that an emulation failure or a sanitizer report
+// too. For fwd and bwd, `rules` (default "-", none) names the masked
+// primitive's rules on, one letter each: d (exclude_diagonal), p (positives),
+// g (row_groups, col_groups), r (row_threshold), c (col_threshold), read from
+// dir; `products` (default "11") which of bwd's products pb, pa to compute. A separate process, so that an emulation failure or a sanitizer report
 // ends it without taking pytest down.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,7 +33,7 @@ using namespace mmkernels::cuda;
 using Bytes = std::vector<unsigned char>;
 
 struct Case {
-  std::string op, dir;
+  std::string op, dir, rules = "-", products = "11";
   DType dtype, p_dtype;
   int64_t n, m, d, band_rows;
   bool normalize, positives;
@@ -44,15 +47,21 @@ DType parse_dtype(const std::string& name) {
   throw std::runtime_error("unknown dtype " + name);
 }
 
-Bytes read(const Case& c, const std::string& name, int64_t count, DType type) {
+Bytes read_bytes(const Case& c, const std::string& name, int64_t bytes) {
   const std::string path = c.dir + "/" + name + ".bin";
   std::ifstream in(path, std::ios::binary);
   Bytes data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (!in.good() && !in.eof()) throw std::runtime_error("cannot read " + path);
-  if (static_cast<int64_t>(data.size()) != count * size_of(type))
+  if (static_cast<int64_t>(data.size()) != bytes)
     throw std::runtime_error(path + ": " + std::to_string(data.size()) + " bytes, expected " +
-                             std::to_string(count * size_of(type)));
-  return data;
+                             std::to_string(bytes));
+  // A copy of exactly its size: AddressSanitizer sees a read past the end (the
+  // grown vector's spare capacity would hide it).
+  return Bytes(data.begin(), data.end());
+}
+
+Bytes read(const Case& c, const std::string& name, int64_t count, DType type) {
+  return read_bytes(c, name, count * size_of(type));
 }
 
 void write(const Case& c, const std::string& name, const void* data, int64_t count, DType type) {
@@ -107,6 +116,39 @@ struct Inputs {
   Operands x;
 };
 
+// The masked primitive's rules named by c.rules, kept alive for the Rules.
+struct MaskInputs {
+  Bytes positives, row_groups, col_groups, row_threshold, col_threshold;
+  Rules rules;
+};
+
+MaskInputs mask_inputs(const Case& c) {
+  const DType acc = compute_of(c.dtype);
+  auto on = [&](char rule) { return c.rules.find(rule) != std::string::npos; };
+  auto ints = [](const Bytes& data) { return reinterpret_cast<const int64_t*>(data.data()); };
+  MaskInputs in;
+  in.rules.exclude_diagonal = on('d');
+  if (on('p')) {
+    in.positives = read_bytes(c, "positives", c.n * 8);
+    in.rules.positives = ints(in.positives);
+  }
+  if (on('g')) {
+    in.row_groups = read_bytes(c, "row_groups", c.n * 8);
+    in.col_groups = read_bytes(c, "col_groups", c.m * 8);
+    in.rules.row_groups = ints(in.row_groups);
+    in.rules.col_groups = ints(in.col_groups);
+  }
+  if (on('r')) {
+    in.row_threshold = read(c, "row_threshold", c.n, acc);
+    in.rules.row_threshold = in.row_threshold.data();
+  }
+  if (on('c')) {
+    in.col_threshold = read(c, "col_threshold", c.m, acc);
+    in.rules.col_threshold = in.col_threshold.data();
+  }
+  return in;
+}
+
 Inputs inputs(const Case& c) {
   const DType acc = compute_of(c.dtype);
   Inputs in;
@@ -125,12 +167,13 @@ Inputs inputs(const Case& c) {
 template <typename A>
 void run_fwd(const Case& c) {
   const Inputs in = inputs(c);
+  const MaskInputs mask = mask_inputs(c);
   const DType acc = compute_of(c.dtype);
   const int64_t band = band_rows(c.n, fwd_bytes_per_row(c.m, acc), c.band_rows);
   Bytes row_lse = buffer(c.n, acc), part_max = buffer(fwd_part_rows(band) * c.m, acc);
   Bytes part_sum = buffer(fwd_part_rows(band) * c.m, acc);
   Bytes col_max = filled<A>(c.m, -std::numeric_limits<A>::infinity()), col_sum = filled<A>(c.m, A(0));
-  check(lse_fwd_bands(in.x, band, row_lse.data(), part_max.data(), part_sum.data(), col_max.data(), col_sum.data(),
+  check(lse_fwd_bands(in.x, mask.rules, band, row_lse.data(), part_max.data(), part_sum.data(), col_max.data(), col_sum.data(),
                       nullptr),
         "lse_fwd_bands");
   write(c, "row_lse", row_lse.data(), c.n, acc);
@@ -139,10 +182,13 @@ void run_fwd(const Case& c) {
 }
 
 // The backward of the primitive (bwd) or of SigLIP (sbwd): P band by band, its
-// products pb = P @ Bh and pa = P^T @ Ah, and P in full for the comparison.
+// products pb = P @ Bh and pa = P^T @ Ah (those asked for), and P in full for
+// the comparison (NaN in full where no band was computed).
 template <typename A>
 void run_bwd(const Case& c) {
   const Inputs in = inputs(c);
+  const MaskInputs mask = mask_inputs(c);
+  const Products asked{c.products[0] == '1', c.products[1] == '1'};
   const DType acc = compute_of(c.dtype);
   const bool siglip = c.op == "sbwd";
   const Bytes ah = read(c, "ah", c.n * c.d, c.p_dtype), bh = read(c, "bh", c.m * c.d, c.p_dtype);
@@ -163,7 +209,7 @@ void run_bwd(const Case& c) {
   std::vector<A> pb(c.n * c.d), pa(c.m * c.d), p_row(c.n);
   const int64_t p_bytes = size_of(c.p_dtype);
   backward_band_loop(
-      c.n, band,
+      c.n, band, asked,
       [&](int64_t r0, int64_t rows) {
         if (siglip) {
           check(siglip_bwd_band(in.x, r0, rows, bias.data(), c.positives, g_row.data(), pband.data(), c.p_dtype,
@@ -176,22 +222,24 @@ void run_bwd(const Case& c) {
             p_row[r0 + i] = total;
           }
         } else {
-          check(lse_bwd_band(in.x, r0, rows, row_lse.data(), g_row.data(), col_lse.data(), g_col.data(),
+          check(lse_bwd_band(in.x, mask.rules, r0, rows, row_lse.data(), g_row.data(), col_lse.data(), g_col.data(),
                              pband.data(), c.p_dtype, nullptr),
                 "lse_bwd_band");
         }
         std::memcpy(p_full.data() + r0 * c.m * p_bytes, pband.data(), rows * c.m * p_bytes);
       },
-      [&](int64_t r0, int64_t rows, bool accumulate) {
+      [&](int64_t r0, int64_t rows) {
         auto p_at = [&](int64_t i, int64_t j) { return element(pband, c.p_dtype, i * c.m + j); };
+        host_matmul<A>(pb.data() + r0 * c.d, rows, c.m, c.d, p_at, bh, c.p_dtype, false);
+      },
+      [&](int64_t r0, int64_t rows, bool accumulate) {
         auto pt_at = [&](int64_t j, int64_t i) { return element(pband, c.p_dtype, i * c.m + j); };
         const Bytes ah_band(ah.begin() + r0 * c.d * p_bytes, ah.begin() + (r0 + rows) * c.d * p_bytes);
-        host_matmul<A>(pb.data() + r0 * c.d, rows, c.m, c.d, p_at, bh, c.p_dtype, false);
         host_matmul<A>(pa.data(), c.m, rows, c.d, pt_at, ah_band, c.p_dtype, accumulate);
       });
   write(c, "p", p_full.data(), c.n * c.m, c.p_dtype);
-  write(c, "pb", pb.data(), c.n * c.d, acc);
-  write(c, "pa", pa.data(), c.m * c.d, acc);
+  if (asked.pb) write(c, "pb", pb.data(), c.n * c.d, acc);
+  if (asked.pa) write(c, "pa", pa.data(), c.m * c.d, acc);
   if (siglip) write(c, "p_row", p_row.data(), c.n, acc);
 }
 
@@ -245,6 +293,8 @@ int main(int argc, char** argv) {
       int normalize = 0, positives = 0;
       fields >> c.op >> dtype >> c.n >> c.m >> c.d >> normalize >> c.band_rows >> p_dtype >> positives >> c.dir;
       if (!fields) throw std::runtime_error("bad job line: " + line);
+      if (fields >> c.rules) fields >> c.products;
+      if (c.products.size() != 2) throw std::runtime_error("bad products in: " + line);
       c.dtype = parse_dtype(dtype);
       c.p_dtype = parse_dtype(p_dtype);
       c.normalize = normalize != 0;
