@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 namespace mmkernels {
 
@@ -49,9 +50,48 @@ void check_masked_lse_bwd(const at::Tensor& a, const at::Tensor& b, const at::Te
                           const Exclusions& rules, const at::Tensor& row_lse, const at::Tensor& col_lse,
                           const at::Tensor& g_row, const at::Tensor& g_col);
 
-// The N x M x D products the masked backward kernels computed, counted per call
-// on the host: {S, pb, pa}. How a test sees that a frozen side costs no product.
+// The masked ops as registered (their schema in csrc/ops.cpp), written once for
+// every device: they pack the rules, check them, count the backward's products
+// and call the device's implementation. A device registers
+// masked_lse_fwd_op<its fwd> and masked_lse_bwd_op<its bwd>.
+using OptionalTensor = std::optional<at::Tensor>;
+using MaskedFwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& a, const at::Tensor& b,
+                                                         const at::Tensor& scale, bool normalize,
+                                                         const Exclusions& rules);
+using MaskedBwd = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& a, const at::Tensor& b,
+                                                         const at::Tensor& scale, bool normalize,
+                                                         const Exclusions& rules, const at::Tensor& row_lse,
+                                                         const at::Tensor& col_lse, const at::Tensor& g_row,
+                                                         const at::Tensor& g_col, bool compute_pb, bool compute_pa);
+
 void count_products(bool s, bool pb, bool pa);
+
+template <MaskedFwd fwd>
+std::tuple<at::Tensor, at::Tensor> masked_lse_fwd_op(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                                                     bool normalize, bool exclude_diagonal, const at::Tensor& positives,
+                                                     const OptionalTensor& row_groups, const OptionalTensor& col_groups,
+                                                     const OptionalTensor& row_threshold,
+                                                     const OptionalTensor& col_threshold) {
+  const Exclusions rules{exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold};
+  check_masked_lse_fwd(a, b, scale, rules);
+  return fwd(a, b, scale, normalize, rules);
+}
+
+template <MaskedBwd bwd>
+std::tuple<at::Tensor, at::Tensor> masked_lse_bwd_op(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, bool normalize, bool exclude_diagonal,
+    const at::Tensor& positives, const OptionalTensor& row_groups, const OptionalTensor& col_groups,
+    const OptionalTensor& row_threshold, const OptionalTensor& col_threshold, const at::Tensor& row_lse,
+    const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col, bool compute_pb, bool compute_pa) {
+  const Exclusions rules{exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold};
+  check_masked_lse_bwd(a, b, scale, rules, row_lse, col_lse, g_row, g_col);
+  count_products(compute_pb || compute_pa, compute_pb, compute_pa);
+  return bwd(a, b, scale, normalize, rules, row_lse, col_lse, g_row, g_col, compute_pb, compute_pa);
+}
+
+// The N x M x D products the masked backward kernels computed, counted per call
+// on the host: {S, pb, pa} (count_products above). How a test sees that a
+// frozen side costs no product.
 std::array<int64_t, 3> products_computed();
 
 void check_similarity_fwd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale);

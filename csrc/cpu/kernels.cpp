@@ -291,8 +291,6 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
 
 // --- the masked primitive ------------------------------------------------------
 
-using OptionalTensor = std::optional<Tensor>;
-
 // Group ids renumbered 0, 1, ... over rows and columns together, as values of
 // `dtype`: the tile kernels compare them in float lanes, exact below 2^24 ids.
 std::pair<Tensor, Tensor> dense_groups(const Tensor& row_groups, const Tensor& col_groups, at::ScalarType dtype) {
@@ -341,11 +339,7 @@ Tensor as_shift(const Tensor& lse, at::ScalarType dtype) {
 }
 
 std::tuple<Tensor, Tensor> masked_lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
-                                          bool exclude_diagonal, const Tensor& positives,
-                                          const OptionalTensor& row_groups, const OptionalTensor& col_groups,
-                                          const OptionalTensor& row_threshold, const OptionalTensor& col_threshold) {
-  const Exclusions rules{exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold};
-  check_masked_lse_fwd(a, b, scale, rules);
+                                          const Exclusions& rules) {
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
@@ -360,13 +354,8 @@ std::tuple<Tensor, Tensor> masked_lse_fwd(const Tensor& a, const Tensor& b, cons
 }
 
 std::tuple<Tensor, Tensor> masked_lse_bwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
-                                          bool exclude_diagonal, const Tensor& positives,
-                                          const OptionalTensor& row_groups, const OptionalTensor& col_groups,
-                                          const OptionalTensor& row_threshold, const OptionalTensor& col_threshold,
-                                          const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row,
-                                          const Tensor& g_col, bool compute_pb, bool compute_pa) {
-  const Exclusions rules{exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold};
-  check_masked_lse_bwd(a, b, scale, rules, row_lse, col_lse, g_row, g_col);
+                                          const Exclusions& rules, const Tensor& row_lse, const Tensor& col_lse,
+                                          const Tensor& g_row, const Tensor& g_col, bool compute_pb, bool compute_pa) {
   const auto dtype = compute_dtype(a.scalar_type());
   const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
   const double alpha = scale.item<double>();
@@ -375,7 +364,6 @@ std::tuple<Tensor, Tensor> masked_lse_bwd(const Tensor& a, const Tensor& b, cons
   Tensor pb = compute_pb ? at::empty_like(ah) : at::empty({0}, ah.options());
   Tensor pa = compute_pa ? at::empty_like(bh) : at::empty({0}, ah.options());
   if (!compute_pb && !compute_pa) return {pb, pa};
-  count_products(true, compute_pb, compute_pa);
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_masked_lse_bwd", [&] {
     const TileRules<scalar_t> tile_rules = prepared.tile_rules<scalar_t>();
     lse_bwd_impl<scalar_t>(ah, bh, alpha, prepared.any() ? &tile_rules : nullptr, as_shift(row_lse, dtype),
@@ -458,8 +446,8 @@ TileShape set_tile_shape(TileShape shape) {
 TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
   m.impl("compiled_lse_fwd", &lse_fwd);
   m.impl("compiled_lse_bwd", &lse_bwd);
-  m.impl("compiled_masked_lse_fwd", &masked_lse_fwd);
-  m.impl("compiled_masked_lse_bwd", &masked_lse_bwd);
+  m.impl("compiled_masked_lse_fwd", &masked_lse_fwd_op<&masked_lse_fwd>);
+  m.impl("compiled_masked_lse_bwd", &masked_lse_bwd_op<&masked_lse_bwd>);
   m.impl("compiled_siglip_fwd", &siglip_fwd);
   m.impl("compiled_siglip_bwd", &siglip_bwd);
   m.impl("compiled_similarity_fwd", &similarity_fwd);

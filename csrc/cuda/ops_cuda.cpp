@@ -202,27 +202,15 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
   return backward(a, b, scale, normalize, Rules{}, row_lse, col_lse, g_row, g_col, true, true);
 }
 
-using OptionalTensor = std::optional<Tensor>;
-
 std::tuple<Tensor, Tensor> masked_lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
-                                          bool exclude_diagonal, const Tensor& positives,
-                                          const OptionalTensor& row_groups, const OptionalTensor& col_groups,
-                                          const OptionalTensor& row_threshold, const OptionalTensor& col_threshold) {
-  const Exclusions e{exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold};
-  check_masked_lse_fwd(a, b, scale, e);
-  return forward(a, b, scale, normalize, rules_of(e));
+                                          const Exclusions& rules) {
+  return forward(a, b, scale, normalize, rules_of(rules));
 }
 
 std::tuple<Tensor, Tensor> masked_lse_bwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
-                                          bool exclude_diagonal, const Tensor& positives,
-                                          const OptionalTensor& row_groups, const OptionalTensor& col_groups,
-                                          const OptionalTensor& row_threshold, const OptionalTensor& col_threshold,
-                                          const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row,
-                                          const Tensor& g_col, bool compute_pb, bool compute_pa) {
-  const Exclusions e{exclude_diagonal, positives, row_groups, col_groups, row_threshold, col_threshold};
-  check_masked_lse_bwd(a, b, scale, e, row_lse, col_lse, g_row, g_col);
-  count_products(compute_pb || compute_pa, compute_pb, compute_pa);
-  return backward(a, b, scale, normalize, rules_of(e), row_lse, col_lse, g_row, g_col, compute_pb, compute_pa);
+                                          const Exclusions& rules, const Tensor& row_lse, const Tensor& col_lse,
+                                          const Tensor& g_row, const Tensor& g_col, bool compute_pb, bool compute_pa) {
+  return backward(a, b, scale, normalize, rules_of(rules), row_lse, col_lse, g_row, g_col, compute_pb, compute_pa);
 }
 
 Tensor siglip_fwd_op(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias, bool normalize,
@@ -302,8 +290,8 @@ int64_t set_band_rows(int64_t rows) { return g_band_rows.exchange(rows); }
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
   m.impl("compiled_lse_fwd", &lse_fwd);
   m.impl("compiled_lse_bwd", &lse_bwd);
-  m.impl("compiled_masked_lse_fwd", &masked_lse_fwd);
-  m.impl("compiled_masked_lse_bwd", &masked_lse_bwd);
+  m.impl("compiled_masked_lse_fwd", &masked_lse_fwd_op<&masked_lse_fwd>);
+  m.impl("compiled_masked_lse_bwd", &masked_lse_bwd_op<&masked_lse_bwd>);
   m.impl("compiled_siglip_fwd", &siglip_fwd_op);
   m.impl("compiled_siglip_bwd", &siglip_bwd_op);
   m.impl("compiled_similarity_fwd", &similarity_fwd_op);
