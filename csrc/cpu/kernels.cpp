@@ -158,28 +158,18 @@ void backward_tiles(const Schedule& sched, const Tensor& ah, const Tensor& bh, d
   }
 }
 
-// The exclusion rules of a masked call, ready for the tile kernels: pointers
-// into tensors in the compute dtype (groups renumbered, see dense_groups) that
-// `at(i0, j0)` offsets to one tile. Null pointers: rule off.
+// The exclusion rules of a whole masked call (as a tile at (0, 0) sees them)
+// offset to the tile at (i0, j0).
 template <typename T>
-struct TileRules {
-  bool exclude_diagonal = false;
-  const int64_t* positives = nullptr;
-  const T* row_groups = nullptr;
-  const T* col_groups = nullptr;
-  const T* row_threshold = nullptr;
-  const T* col_threshold = nullptr;
-
-  TileExclusions<T> at(int64_t i0, int64_t j0) const {
-    auto shift = [](const T* p, int64_t k) { return p ? p + k : nullptr; };
-    return {exclude_diagonal,        i0 - j0, positives + i0, j0, shift(row_groups, i0), shift(col_groups, j0),
-            shift(row_threshold, i0), shift(col_threshold, j0)};
-  }
-};
+TileExclusions<T> for_tile(const TileExclusions<T>& all, int64_t i0, int64_t j0) {
+  auto shift = [](const T* p, int64_t k) { return p ? p + k : nullptr; };
+  return {all.exclude_diagonal,          i0 - j0, all.positives + i0, j0, shift(all.row_groups, i0),
+          shift(all.col_groups, j0), shift(all.row_threshold, i0), shift(all.col_threshold, j0)};
+}
 
 // `rules` null: the unmasked primitive.
 template <typename T>
-void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileRules<T>* rules, Tensor& row_lse,
+void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileExclusions<T>* rules, Tensor& row_lse,
                   Tensor& col_lse) {
   const int64_t n = ah.size(0), m = bh.size(0);
   const Schedule sched(n, m);
@@ -201,7 +191,7 @@ void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileRu
                      csum + c * m + j0, work_c);
     } else {
       ops.fold_stats_masked(s.data_ptr<T>(), s.size(0), s.size(1), s.size(1), rmax + i0, rsum + i0,
-                            cmax + c * m + j0, csum + c * m + j0, work_c, rules->at(i0, j0));
+                            cmax + c * m + j0, csum + c * m + j0, work_c, for_tile(*rules, i0, j0));
     }
   });
 
@@ -216,7 +206,7 @@ void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileRu
 // `rules` null: the unmasked primitive; else row_lse and col_lse are shifts
 // (tile_ops.h softmax_grad_masked).
 template <typename T>
-void lse_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileRules<T>* rules,
+void lse_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileExclusions<T>* rules,
                   const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row, const Tensor& g_col,
                   Tensor& pb, Tensor& pa, bool compute_pb = true, bool compute_pa = true) {
   const Schedule sched(ah.size(0), bh.size(0));
@@ -230,7 +220,7 @@ void lse_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileRu
       ops.softmax_grad(p.data_ptr<T>(), p.size(0), p.size(1), p.size(1), rl + i0, gr + i0, cl + j0, gc + j0);
     } else {
       ops.softmax_grad_masked(p.data_ptr<T>(), p.size(0), p.size(1), p.size(1), rl + i0, gr + i0, cl + j0,
-                              gc + j0, rules->at(i0, j0));
+                              gc + j0, for_tile(*rules, i0, j0));
     }
   };
   backward_tiles(sched, ah, bh, scale, pb, pa, to_p, compute_pb, compute_pa);
@@ -302,7 +292,8 @@ std::pair<Tensor, Tensor> dense_groups(const Tensor& row_groups, const Tensor& c
   return {ids.narrow(0, 0, row_groups.size(0)), ids.narrow(0, row_groups.size(0), col_groups.size(0))};
 }
 
-// The tensors a masked call's TileRules point into, kept alive for the call.
+// The tensors a masked call's tile kernels read the rules from (groups
+// renumbered, thresholds as given), kept alive for the call.
 struct PreparedRules {
   Exclusions rules;
   Tensor row_groups, col_groups;
@@ -318,16 +309,16 @@ struct PreparedRules {
   }
 
   template <typename T>
-  TileRules<T> tile_rules() const {
+  TileExclusions<T> whole() const {
     auto data = [](const OptionalTensor& t) { return t.has_value() ? t->data_ptr<T>() : nullptr; };
-    TileRules<T> out;
-    out.exclude_diagonal = rules.exclude_diagonal;
-    out.positives = rules.positives.data_ptr<int64_t>();
-    out.row_groups = row_groups.defined() ? row_groups.data_ptr<T>() : nullptr;
-    out.col_groups = col_groups.defined() ? col_groups.data_ptr<T>() : nullptr;
-    out.row_threshold = data(rules.row_threshold);
-    out.col_threshold = data(rules.col_threshold);
-    return out;
+    return {rules.exclude_diagonal,
+            0,
+            rules.positives.data_ptr<int64_t>(),
+            0,
+            row_groups.defined() ? row_groups.data_ptr<T>() : nullptr,
+            col_groups.defined() ? col_groups.data_ptr<T>() : nullptr,
+            data(rules.row_threshold),
+            data(rules.col_threshold)};
   }
 };
 
@@ -347,7 +338,7 @@ std::tuple<Tensor, Tensor> masked_lse_fwd(const Tensor& a, const Tensor& b, cons
   Tensor row_lse = at::empty({a.size(0)}, ah.options());
   Tensor col_lse = at::empty({b.size(0)}, ah.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_masked_lse_fwd", [&] {
-    const TileRules<scalar_t> tile_rules = prepared.tile_rules<scalar_t>();
+    const TileExclusions<scalar_t> tile_rules = prepared.whole<scalar_t>();
     lse_fwd_impl<scalar_t>(ah, bh, alpha, prepared.any() ? &tile_rules : nullptr, row_lse, col_lse);
   });
   return {row_lse, col_lse};
@@ -365,7 +356,7 @@ std::tuple<Tensor, Tensor> masked_lse_bwd(const Tensor& a, const Tensor& b, cons
   Tensor pa = compute_pa ? at::empty_like(bh) : at::empty({0}, ah.options());
   if (!compute_pb && !compute_pa) return {pb, pa};
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_masked_lse_bwd", [&] {
-    const TileRules<scalar_t> tile_rules = prepared.tile_rules<scalar_t>();
+    const TileExclusions<scalar_t> tile_rules = prepared.whole<scalar_t>();
     lse_bwd_impl<scalar_t>(ah, bh, alpha, prepared.any() ? &tile_rules : nullptr, as_shift(row_lse, dtype),
                            as_shift(col_lse, dtype),
                            vec(g_row), vec(g_col), pb, pa, compute_pb, compute_pa);
