@@ -127,3 +127,44 @@ def test_info_nce_dtypes(backend, small_tiles, dtype):
     q, k = torch.randn(13, 20), torch.randn(29, 20)
     compare(_nce(backend, normalize=True), _nce_ref(normalize=True), [q, k], dtype,
             scale=torch.tensor(20.0), what=f"{backend} info_nce {dtype}")
+
+
+# --- a locked tower: one side's features are constants ------------------------------
+
+def _products_computed(backend):
+    """{"S", "pb", "pa"} so far, on the backends whose kernels count them (else None)."""
+    from mmkernels.ops import masked_logsumexp
+    if backend == "cpu":
+        from mmkernels import compiled
+        return dict(zip(("S", "pb", "pa"), compiled.products_computed()))
+    if backend in masked_logsumexp.KERNELS and backend != "naive":
+        return {k: masked_logsumexp.PRODUCTS_COMPUTED[k] for k in ("S", "pb", "pa")}
+    return None
+
+
+@pytest.mark.parametrize("frozen", ["image", "text"])
+@pytest.mark.parametrize("loss", ["contrastive_loss", "ClipLoss"])
+def test_locked_tower(backend, small_tiles, frozen, loss):
+    """Locked-image (or locked-text) tuning: the trainable tower's and the scale's
+    gradients equal the full backward's, and the frozen side costs no product."""
+    a0, b0 = torch.randn(21, 10), torch.randn(21, 10)
+    compute = (mmkernels.ClipLoss(backend=backend) if loss == "ClipLoss" else
+               lambda a, b, s: mmkernels.contrastive_loss(a, b, s, normalize=True, backend=backend))
+
+    def grads(frozen_side):
+        a = a0.clone().requires_grad_(frozen_side != "image")
+        b = b0.clone().requires_grad_(frozen_side != "text")
+        s = torch.tensor(4.0, requires_grad=True)
+        leaves = [x for x in (a, b, s) if x.requires_grad]
+        return torch.autograd.grad(compute(a, b, s), leaves)
+
+    full = grads(None)
+    before = _products_computed(backend)
+    got = grads(frozen)
+    after = _products_computed(backend)
+    want = [full[1], full[2]] if frozen == "image" else [full[0], full[2]]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    if before is not None:
+        counts = {k: after[k] - before[k] for k in before}
+        assert counts == {"S": 1, "pb": int(frozen == "text"), "pa": int(frozen == "image")}
