@@ -206,7 +206,7 @@ TUNERS: list = []
 
 
 def tuned(kernel, kind: str, device: torch.device, dtype: torch.dtype, key: tuple, restore: tuple = (),
-          one_block_k: bool = False):
+          keep: str = "all"):
     """``kernel`` under triton.autotune with the candidates for this device and dtype.
 
     ``key`` names the kernel's shape-bucket arguments (and any constexpr that
@@ -215,19 +215,22 @@ def tuned(kernel, kind: str, device: torch.device, dtype: torch.dtype, key: tupl
     restored after each trial). Under ``torch.use_deterministic_algorithms(True)``
     only the first candidate runs: a choice made by timing could differ from
     one process to the next, and with it the order of the sums.
-    ``one_block_k``: only the candidates with the first one's BLOCK_K, for
-    kernels that must compute S in the same order of sums as each other.
+    ``keep``: "all" candidates; "block_k", those with the first one's BLOCK_K
+    (kernels that must compute S in the same order of sums as each other);
+    "first", the first alone.
     """
     return _autotuner(kernel, kind, arch(device), dtype_class(dtype), key, restore,
-                      torch.are_deterministic_algorithms_enabled(), one_block_k)
+                      torch.are_deterministic_algorithms_enabled(), keep)
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuner(kernel, kind, arch_name, dclass, key, restore, deterministic, one_block_k=False):
+def _autotuner(kernel, kind, arch_name, dclass, key, restore, deterministic, keep="all"):
     # Built on first use, not at import: the pruning needs the device.
     candidates = configs(kind, arch_name, dclass)
-    if one_block_k:
+    if keep == "block_k":
         candidates = [c for c in candidates if c.kwargs["BLOCK_K"] == candidates[0].kwargs["BLOCK_K"]]
+    elif keep == "first":
+        candidates = candidates[:1]
     tuner = triton.autotune(configs=candidates[:1] if deterministic else candidates, key=list(key),
                             restore_value=list(restore) or None)(kernel)
     TUNERS.append(tuner)

@@ -230,13 +230,12 @@ def _lse_fwd_kernel(
             cols = u * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < M
             b_rows = row_offsets(cols, M, stride_bm)
-            if MASKED:  # requested before the K-loop: their latency hides behind it
-                col_groups, col_threshold = _rule_vectors(col_groups_ptr, col_threshold_ptr, cols, col_ok,
-                                                          HAS_GROUPS, HAS_COL_THRESHOLD)
             s = _scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, row_ok, cols, col_ok, D,
                              stride_ad, stride_bd, NORMALIZE, PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
             s_col = s
             if MASKED:
+                col_groups, col_threshold = _rule_vectors(col_groups_ptr, col_threshold_ptr, cols, col_ok,
+                                                          HAS_GROUPS, HAS_COL_THRESHOLD)
                 s, s_col = _excluded(s, rows, cols, positive, row_groups, col_groups, row_threshold,
                                      col_threshold, EXCLUDE_DIAGONAL, HAS_GROUPS, HAS_ROW_THRESHOLD,
                                      HAS_COL_THRESHOLD)
@@ -367,8 +366,6 @@ def _lse_bwd_p_kernel(
         positive = tl.load(positives_ptr + rows, mask=row_ok, other=-1).to(tl.int32) - col0
         row_groups, row_threshold = _rule_vectors(row_groups_ptr, row_threshold_ptr, rows, row_ok,
                                                   HAS_GROUPS, HAS_ROW_THRESHOLD)
-        col_groups, col_threshold = _rule_vectors(col_groups_ptr, col_threshold_ptr, cols, col_ok,
-                                                  HAS_GROUPS, HAS_COL_THRESHOLD)
         # A row (column) with every entry excluded has lse -inf: shifting its terms
         # by +inf instead makes each exp(-inf) = 0, never exp(+inf) or NaN.
         r_shift = tl.where(r > float("-inf"), r, float("inf"))
@@ -380,6 +377,8 @@ def _lse_bwd_p_kernel(
         s = s * col_fac[None, :]
     s_col = s
     if MASKED:  # the forward's decisions, from the same S (module docstring: ties)
+        col_groups, col_threshold = _rule_vectors(col_groups_ptr, col_threshold_ptr, cols, col_ok,
+                                                  HAS_GROUPS, HAS_COL_THRESHOLD)
         s, s_col = _excluded(s, rows + (row0 - col0), cols, positive, row_groups, col_groups,
                              row_threshold, col_threshold, EXCLUDE_DIAGONAL, HAS_GROUPS,
                              HAS_ROW_THRESHOLD, HAS_COL_THRESHOLD)
@@ -412,12 +411,20 @@ NO_RULES = (False, None, None, None, None, None)
 
 
 def _tile_kernel(kernel, device, dtype, key, restore=(), flags=None):
-    """The autotuned tile kernel. With a threshold on, the forward and the backward
-    must compute S alike to decide its ties alike: both take their candidates of
-    one BLOCK_K (the order of the sums over D; module docstring: ties)."""
-    thresholds = bool(flags) and (flags["HAS_ROW_THRESHOLD"] or flags["HAS_COL_THRESHOLD"])
-    return _launch.tuned(kernel, "tile", device, dtype, tuple(key) + RULE_FLAGS, restore,
-                         one_block_k=thresholds)
+    """The autotuned tile kernel, for the rules ``flags`` (None: the unmasked primitive).
+
+    With a rule on, the forward keeps its first candidate only: the others
+    spill registers under the masks' per-column vectors on sm80 or sm90
+    (compiled ahead of time: tests/test_triton_logsumexp.py), the first of
+    each table does not. With a threshold on, the backward keeps the
+    candidates of that one's BLOCK_K: the forward and the backward must
+    compute S in the same order of sums over D to decide its ties alike
+    (module docstring: ties)."""
+    keep = "all"
+    if flags and any(flags.values()):
+        thresholds = flags["HAS_ROW_THRESHOLD"] or flags["HAS_COL_THRESHOLD"]
+        keep = "first" if kernel is _lse_fwd_kernel else "block_k" if thresholds else "all"
+    return _launch.tuned(kernel, "tile", device, dtype, tuple(key) + RULE_FLAGS, restore, keep=keep)
 
 
 def _rule_flags(rules) -> dict:
