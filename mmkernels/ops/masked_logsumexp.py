@@ -26,8 +26,9 @@ positives receive no gradient. A row (column) with every entry excluded has
 
 A threshold compares the logit as the kernel computes it (the compute dtype,
 scale applied). The backward recomputes S with the same operations in the
-same order on every backend that has these kernels (torch, naive), so the
-forward's and the backward's decisions at a tie agree bit for bit.
+same order on every backend that has these kernels (torch, naive, triton), so the
+forward's and the backward's decisions at a tie agree bit for bit (triton on a
+GPU: what is and is not guaranteed, in mmkernels/triton/logsumexp.py).
 
 Cost: the mask is decided per tile from O(tile) loads (groups, thresholds,
 positives of the tile's rows and columns) and a compare per logit; nothing of
@@ -43,8 +44,8 @@ compute (a product not asked for is returned empty, shape (0,), and costs
 nothing: 3 N x M x D products instead of 4 when ``a`` or ``b`` is a constant);
 the rules come as :class:`Exclusions` prepared them (``positives`` always an (N,)
 int64 tensor; the others None or tensors on the features' device, thresholds
-in the compute dtype). Backends with these kernels so far: naive, torch; the
-compiled (cpu, cuda) and triton backends run the unmasked primitive only.
+in the compute dtype). Backends with these kernels so far: naive, torch, triton;
+the compiled (cpu, cuda) backends run the unmasked primitive only.
 """
 
 from __future__ import annotations

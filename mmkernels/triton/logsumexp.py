@@ -88,6 +88,47 @@ which config won a timing race in this process.
 
 Memory: beyond the inputs, the contract's fp32 outputs pb, pa (N*D and M*D),
 the P block (at most 32 MiB), inverse norms and partials (O(N) fp32).
+
+The masked primitive: the same kernels, rules as constexpr flags
+----------------------------------------------------------------
+mmkernels/ops/masked_logsumexp.py's rules (diagonal, groups, row and column
+thresholds, the positives' exemption) are four constexpr flags of the forward
+and P kernels plus pointers to the rule vectors; with every flag off the
+kernels compile to the unmasked primitive's code (the unmasked ops, and the
+masked ops called without a rule, launch that specialization). With a rule
+on, each tile loads the O(BLOCK) rule vectors of its rows and columns and
+decides its mask with a compare per logit and rule; an excluded entry is
+-inf in the tile, so it leaves the forward's max and sum and gets P = 0 in
+the backward. Diagonal and groups exclude from both statistics, a row
+(column) threshold from the row (column) statistic only: with a threshold
+the two statistics keep different entries, so the forward takes a second
+exp per logit for the columns and the backward its two-exp form (one exp
+per term); without one the one-exp forms stay. A row or column with every
+entry excluded gets lse = -inf: every shift of an exp is sanitized (0 for a
+-inf maximum in the forward, +inf for a -inf lse in the backward, so its
+terms are exp(-inf) = 0, never NaN). A frozen side (compute_pb or compute_pa
+false) launches the products kernel on the other problem only: 3 N x M x D
+products instead of 4. The masked forward keeps its first autotune
+candidate (the others spill registers with the rule vectors beside the tile).
+
+Ties: a threshold decides ``S[i, j] > threshold`` in the forward and again
+in the backward on the recomputed S. Both compute S with the same
+operations in the same order: the same K-loop (``tile_dot``), the same
+factors, and, with a threshold on, candidates of one BLOCK_K for both
+kernels (``_tile_kernel``). Under the interpreter no decision then flips
+(measured: 0 of 512 rows with the threshold exactly at each row's largest
+logit, also with other BLOCK_M x BLOCK_N in the backward; with BLOCK_K 16 in
+the forward and 32 in the backward, 59 of 512 flip:
+tests/test_triton_logsumexp.py ``tie_flips``). What remains on a GPU: the
+forward's and the backward's tiles may differ in BLOCK_M x BLOCK_N and warps
+(tensor-core instruction shapes), which is not known to change the order of
+the sums over D but is not guaranteed either. Where a decision does flip,
+the gradient of that one entry uses the other decision: its term of P is
+added or dropped, an error bounded by that entry's probability
+``exp(S[i, j] - lse)`` (times its upstream gradient); nothing else changes.
+A threshold exactly at a logit is also decided against the kernel's S, not
+against S as another library computes it: about 40% of such ties land the
+other way than torch's fp32 product would say (its last bit differs).
 """
 
 from __future__ import annotations
