@@ -457,8 +457,8 @@ def _tile_kernel(kernel, device, dtype, key, restore=(), flags=None):
     With a rule on, the forward keeps its first candidate only: the others
     spill registers under the masks' per-column vectors on sm80 or sm90
     (compiled ahead of time: tests/test_triton_logsumexp.py), the first of
-    each table does not (triton 3.9; 3.6 gives it a stack frame of 8 to 16 bytes). With a threshold on, the backward keeps the
-    candidates of that one's BLOCK_K: the forward and the backward must
+    each table does not (triton 3.9; 3.6 gives it a stack frame of 8 to 16
+    bytes). With a threshold on, the backward keeps the candidates of that one's BLOCK_K: the forward and the backward must
     compute S in the same order of sums over D to decide its ties alike
     (module docstring: ties)."""
     keep = "all"
