@@ -458,9 +458,9 @@ def _tile_kernel(kernel, device, dtype, key, restore=(), flags=None):
     spill registers under the masks' per-column vectors on sm80 or sm90
     (compiled ahead of time: tests/test_triton_logsumexp.py), the first of
     each table does not (triton 3.9; 3.6 gives it a stack frame of 8 to 16
-    bytes). With a threshold on, the backward keeps the candidates of that one's BLOCK_K: the forward and the backward must
-    compute S in the same order of sums over D to decide its ties alike
-    (module docstring: ties)."""
+    bytes). With a threshold on, the backward keeps the candidates of that
+    one's BLOCK_K: the forward and the backward must compute S in the same
+    order of sums over D to decide its ties alike (module docstring: ties)."""
     keep = "all"
     if flags and any(flags.values()):
         thresholds = flags["HAS_ROW_THRESHOLD"] or flags["HAS_COL_THRESHOLD"]
