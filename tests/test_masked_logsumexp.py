@@ -230,7 +230,14 @@ def test_gradcheck_fp64():
             (a, b, scale))
 
 
-@pytest.mark.parametrize("backend", [name for name in MASKED_BACKENDS if name != "naive"])
+# Kernel ops: every masked backend but the reference. torch.compile cannot trace triton
+# ops that the interpreter runs eagerly (the triton lane): their opcheck and compile
+# run on GPU (test_cuda_triton_opcheck_and_compile).
+KERNEL_BACKENDS = [name for name in MASKED_BACKENDS if name != "naive"]
+TRACEABLE_BACKENDS = [name for name in KERNEL_BACKENDS if name != "triton"]
+
+
+@pytest.mark.parametrize("backend", TRACEABLE_BACKENDS)
 def test_opcheck(backend):
     a, b = features(9, 11, 5, seed=9)
     a.requires_grad_()
@@ -248,7 +255,7 @@ def test_opcheck(backend):
                                 row_lse, col_lse, torch.randn(9), torch.randn(11), False, True))
 
 
-@pytest.mark.parametrize("backend", [name for name in MASKED_BACKENDS if name != "naive"])
+@pytest.mark.parametrize("backend", TRACEABLE_BACKENDS)
 @pytest.mark.parametrize("frozen", [False, True])
 def test_compile_fullgraph(backend, frozen):
     a, b = features(12, 12, 6, seed=10)
@@ -268,6 +275,38 @@ def test_compile_fullgraph(backend, frozen):
     got = compiled(a, b)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got, a), torch.autograd.grad(want, a))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_opcheck_and_compile(backend):
+    """The GPU backends' masked ops: opcheck, and torch.compile with a frozen side."""
+    if backend not in masked_logsumexp.KERNELS:
+        pytest.skip(f"no {backend} masked kernels in this process")
+    a, b = (x.cuda() for x in features(70, 90, 24, seed=13))
+    rules = masked_logsumexp.Exclusions.from_arguments(
+        a, b, row_groups=torch.arange(70, device="cuda") % 5,
+        col_groups=torch.arange(90, device="cuda") % 5,
+        row_threshold=torch.zeros(70, device="cuda"), col_threshold=torch.zeros(90, device="cuda"))
+    fwd, bwd = masked_logsumexp.KERNELS[backend]
+    scale = torch.tensor(3.0, device="cuda")
+    torch.library.opcheck(fwd, (a, b, scale, True, *rules.as_args()))
+    row_lse, col_lse = fwd(a, b, scale, True, *rules.as_args())
+    g_row, g_col = torch.rand_like(row_lse), torch.rand_like(col_lse)
+    for compute in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(bwd, (a, b, scale, True, *rules.as_args(), row_lse, col_lse,
+                                    g_row, g_col, *compute))
+
+    def loss(x, y):
+        row, col = mmkernels.similarity_logsumexp(
+            x, y, 3.0, normalize=True, row_groups=rules.row_groups, col_groups=rules.col_groups,
+            row_threshold=rules.row_threshold, backend=backend)
+        return row.sum() + col.masked_fill(torch.isinf(col), 0.0).sum()
+
+    x = a.clone().requires_grad_()
+    want = torch.autograd.grad(loss(x, b), x)
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x, b), x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 # --- a frozen side: no gradient product for it ----------------------------------------
@@ -311,7 +350,7 @@ def products_computed(backend):
     return {k: masked_logsumexp.PRODUCTS_COMPUTED[k] for k in ("S", "pb", "pa")}
 
 
-@pytest.mark.parametrize("backend", [name for name in MASKED_BACKENDS if name != "naive"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("frozen", ["a", "b", "a+b"])
 def test_unmasked_primitive_with_a_frozen_side(backend, small_tiles, frozen):
     """No rule on, one side (or both: the scale alone trains) a constant: the same
@@ -339,7 +378,8 @@ def test_unmasked_primitive_with_a_frozen_side(backend, small_tiles, frozen):
     after = products_computed(backend)
     want = {"S": 1, "pb": int(frozen != "a"), "pa": int(frozen == "a")}
     assert {k: after[k] - before[k] for k in want} == want
-    for got in (frozen_grads, grads(frozen, compile=True)):
+    runs = [frozen_grads] + ([grads(frozen, compile=True)] if backend in TRACEABLE_BACKENDS else [])
+    for got in runs:
         assert set(got) == {"a", "b", "scale"} - set(frozen.split("+"))
         for name, grad in got.items():
             torch.testing.assert_close(grad, full[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -367,11 +407,11 @@ def test_auto_picks_a_backend_with_masked_kernels(monkeypatch):
 
 
 def test_a_backend_without_masked_kernels_refuses(monkeypatch):
-    monkeypatch.delitem(masked_logsumexp.KERNELS._pairs, "cpu", raising=False)
+    monkeypatch.delitem(masked_logsumexp.KERNELS._pairs, "torch")  # every backend has them now
     a, b = features(4, 4, 3)
-    with pytest.raises(RuntimeError, match="backend 'cpu' has no kernels for "
+    with pytest.raises(RuntimeError, match="backend 'torch' has no kernels for "
                                            "similarity_logsumexp with exclusions"):
-        mmkernels.similarity_logsumexp(a, b, row_threshold=torch.zeros(4), backend="cpu")
+        mmkernels.similarity_logsumexp(a, b, row_threshold=torch.zeros(4), backend="torch")
 
 
 # --- errors, raised before any kernel, naming the argument -------------------------

@@ -9,7 +9,9 @@ pytest subprocess with
   non-contiguous inputs, logit_scale 100 on unnormalized features, every
   gradient incl. logit_scale, gradcheck in fp64) run on the triton backend,
   siglip_loss's included (tests/test_siglip.py: its kernel contract on
-  rectangular blocks with and without positives, open_clip's SigLipLoss);
+  rectangular blocks with and without positives, open_clip's SigLipLoss) and
+  the primitive with exclusions (tests/test_masked_logsumexp.py: every rule,
+  rows with nothing left, ties, a frozen side);
 - ``MMKERNELS_BACKEND=triton``: "auto" picks triton, so normalized_similarity
   (which has no backend argument) runs its Triton kernels;
 
@@ -33,8 +35,8 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-LANE = ["test_logsumexp.py", "test_contrastive.py", "test_normalized_similarity.py",
-        "test_clip_loss.py", "test_siglip.py", "test_autocast.py",
+LANE = ["test_logsumexp.py", "test_masked_logsumexp.py", "test_contrastive.py",
+        "test_normalized_similarity.py", "test_clip_loss.py", "test_siglip.py", "test_autocast.py",
         "test_triton_backend.py", "test_triton_logsumexp.py", "test_triton_normalized_similarity.py",
         "test_triton_siglip.py"]
 

@@ -18,8 +18,8 @@ import mmkernels
 import reference
 from compare_to_reference import compare
 from tolerances import fp32_logit_rtol
-from triton_fixtures import (HAS_TRITON, autotuning_trials, cuda_inputs, interpreter,  # noqa: F401  (fixture)
-                             requires_triton)
+from triton_fixtures import (HAS_TRITON, autotuning_trials, compiler, cuda_inputs,  # noqa: F401  (fixture)
+                             interpreter, requires_triton)
 
 pytestmark = requires_triton
 
@@ -207,6 +207,214 @@ def test_opcheck_schema_autograd_and_fake_kernels():
         row, col = fwd(a, b, s, normalize)
         torch.library.opcheck(bwd, (a.detach(), b.detach(), s.detach(), normalize, row, col,
                                     torch.rand_like(row), torch.rand_like(col)), test_utils=checks)
+
+
+# --- the masked primitive: the same kernels with rules on ---------------------------
+
+def _masked_kernels():
+    from mmkernels.ops import masked_logsumexp
+
+    return masked_logsumexp.KERNELS["triton"]
+
+
+def _all_rules(a, b):
+    """Every rule on, thresholds through the middle of the logits (5 * S, normalized),
+    off any logit (a tie may be decided apart by fp32 and an fp64 reference)."""
+    from mmkernels.ops import masked_logsumexp
+
+    n, m = a.shape[0], b.shape[0]
+    s = 5 * torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).T
+    return masked_logsumexp.Exclusions.from_arguments(
+        a, b, exclude_diagonal=True, positives=(torch.arange(n) + 3) % m,
+        row_groups=torch.arange(n) % 4, col_groups=torch.arange(m) % 4,
+        row_threshold=s.median(1).values + 1e-3, col_threshold=s.median(0).values + 1e-3).as_args()
+
+
+@interpreter
+def test_no_rule_is_the_unmasked_primitive_bit_for_bit():
+    """The masked ops with every rule off (positives given, as the frozen-side route
+    of the unmasked primitive passes them) run the unmasked kernels: same bits,
+    and a frozen side's product equals the full backward's."""
+    a, b, scale = torch.randn(37, 21), torch.randn(45, 21), torch.tensor(6.0)
+    rules = (False, torch.arange(37), None, None, None, None)
+    fwd, bwd = _masked_kernels()
+    plain = lse_kernels.triton_lse_fwd(a, b, scale, True)
+    masked = fwd(a, b, scale, True, *rules)
+    for x, y in zip(plain, masked):
+        assert torch.equal(x, y)
+    g_row, g_col = torch.rand(37), torch.rand(45)
+    full = lse_kernels.triton_lse_bwd(a, b, scale, True, *plain, g_row, g_col)
+    both = bwd(a, b, scale, True, *rules, *plain, g_row, g_col, True, True)
+    only_pb = bwd(a, b, scale, True, *rules, *plain, g_row, g_col, True, False)
+    only_pa = bwd(a, b, scale, True, *rules, *plain, g_row, g_col, False, True)
+    for x, y in zip(full, both):
+        assert torch.equal(x, y)
+    assert torch.equal(only_pb[0], full[0]) and only_pb[1].shape == (0,)
+    assert torch.equal(only_pa[1], full[1]) and only_pa[0].shape == (0,)
+
+
+@interpreter
+@pytest.mark.parametrize("compute", [(True, False), (False, True)])
+def test_frozen_side_launches_one_product(monkeypatch, compute):
+    """A product not asked for gets no program: every launch of the products kernel
+    covers the tiles of one problem only."""
+    from mmkernels.triton import matmul
+
+    launches = []
+    launch = _launch.launch
+
+    def recording(kernel, grid, *args, **kwargs):
+        if getattr(kernel, "fn", kernel) is matmul._products_kernel:
+            launches.append((grid({"BLOCK_R": 16, "BLOCK_D": 32}), args[4], args[17]))
+        launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_launch, "launch", recording)
+    a, b, scale = torch.randn(30, 40), torch.randn(50, 40), torch.tensor(3.0)
+    rules = _all_rules(a, b)
+    fwd, bwd = _masked_kernels()
+    row, col = fwd(a, b, scale, False, *rules)
+    pb, pa = bwd(a, b, scale, False, *rules, row, col, torch.rand(30), torch.rand(50), *compute)
+    assert launches and (pb.numel() > 0) == compute[0] and (pa.numel() > 0) == compute[1]
+    for (programs,), rows, _ in launches:
+        assert programs == triton.cdiv(rows, 16) * triton.cdiv(40, 32)
+
+
+@interpreter
+def test_masked_autotuning_trials_leave_no_trace(autotuning_trials):  # noqa: F811
+    """The masked kernels under autotuning (every rule on; two candidates for the P
+    and products kernels, the forward keeps its first): the trials' products leave
+    the results of the winner alone."""
+    from mmkernels.ops import masked_logsumexp
+
+    a, b, scale = torch.randn(53, 20), torch.randn(71, 20), torch.tensor(5.0)
+    rules = _all_rules(a, b)
+    fwd, bwd = _masked_kernels()
+    got = fwd(a, b, scale, True, *rules)
+    want = masked_logsumexp.fwd_reference(a.double(), b.double(), scale.double(), True,
+                                          *_as_double(rules))
+    for x, y in zip(got, want):
+        finite = torch.isfinite(y)
+        assert torch.equal(torch.isfinite(x), finite)
+        torch.testing.assert_close(x[finite].double(), y[finite], rtol=1e-5, atol=1e-5)
+    g_row, g_col = torch.rand(53), torch.rand(71)
+    grads = bwd(a, b, scale, True, *rules, *got, g_row, g_col, True, True)
+    want = masked_logsumexp.bwd_reference(a.double(), b.double(), scale.double(), True, *_as_double(rules),
+                                          *(x.double() for x in got), g_row.double(), g_col.double(),
+                                          True, True)
+    for x, y in zip(grads, want):
+        torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=1e-5)
+    assert len(autotuning_trials) >= 4
+
+
+def _as_double(rules):
+    return tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in rules)
+
+
+def tie_flips(fwd_tile=None, bwd_tile=None, n=64, m=96, d=200, seed=0):
+    """(flips, dropped, rows): a row threshold set exactly at each row's largest logit
+    as torch computes it (fp32, on CPU), under the interpreter. ``dropped``: rows whose
+    tie the forward excluded (its S above torch's in the last bit); ``flips``: rows whose
+    backward decided the tie otherwise than the forward. ``fwd_tile``/``bwd_tile``:
+    (BLOCK_M, BLOCK_N, BLOCK_K) of each pass (default: the interpreter's one config).
+    Each decision is read off the results: the forward's from row_lse (the tie is the
+    row's largest term), the backward's from the row sum of P (1 when it keeps the
+    forward's entries), through a column of ones in b."""
+    from mmkernels.ops import masked_logsumexp
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+    b[:, -1] = 1.0
+    s = a @ b.T
+    top = s.max(1).values
+    rules = masked_logsumexp.Exclusions.from_arguments(
+        a, b, row_threshold=top, positives=torch.full((n,), -1)).as_args()
+    s64 = a.double() @ b.double().T
+    keep = torch.logsumexp(s64, 1)
+    drop = torch.logsumexp(s64.scatter(1, s.argmax(1, keepdim=True), float("-inf")), 1)
+    fwd, bwd = _masked_kernels()
+    one = torch.tensor(1.0)
+
+    def run(tile, kernel, *args):
+        saved = _launch._INTERPRETER_CONFIGS["tile"]
+        if tile is not None:
+            block_m, block_n, block_k = tile
+            _launch._INTERPRETER_CONFIGS["tile"] = [triton.Config(
+                {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=4, num_stages=1)]
+        _launch._autotuner.cache_clear()
+        try:
+            return kernel(*args)
+        finally:
+            _launch._INTERPRETER_CONFIGS["tile"] = saved
+            _launch._autotuner.cache_clear()
+
+    row_lse, col_lse = run(fwd_tile, fwd, a, b, one, False, *rules)
+    fwd_kept = (row_lse.double() - keep).abs() < (row_lse.double() - drop).abs()
+    pb, _ = run(bwd_tile, bwd, a, b, one, False, *rules, row_lse, col_lse, torch.ones(n), torch.zeros(m),
+                True, False)
+    excess = pb[:, -1].double() - 1.0  # -p(tie) if only the forward kept it, +p if only the backward
+    p_tie = torch.exp(top.double() - torch.where(fwd_kept, keep, drop))
+    bwd_kept = torch.where(fwd_kept, excess.abs() < p_tie / 2, excess > p_tie / 2)
+    return int((fwd_kept != bwd_kept).sum()), int((~fwd_kept).sum()), n
+
+
+@interpreter
+def test_forward_and_backward_decide_ties_alike():
+    """A threshold exactly at a logit: the backward recomputes S with the forward's
+    operations in the forward's order (same BLOCK_K), so no decision flips, even with
+    other tile shapes; the forward's own decisions differ from torch's in some rows
+    (its S is not torch's to the last bit), which is why the measurement can see flips."""
+    flips, dropped, rows = tie_flips()
+    assert flips == 0 and 0 < dropped < rows
+    assert tie_flips((16, 32, 16), (32, 16, 16))[0] == 0
+
+
+def _masked_launches(arch_name, dtype, n=4096, m=4096, d=768):
+    """The masked kernels' launches as the launchers make them: every rule on (two
+    exps per logit, the largest variant), and the diagonal with groups (one exp)."""
+    import triton_aot
+    from mmkernels.ops import masked_logsumexp
+
+    a, b = torch.randn(n, d, dtype=dtype), torch.randn(m, d, dtype=dtype)
+    scale, lse_r, lse_c = torch.tensor(3.0), torch.randn(n), torch.randn(m)
+    groups = dict(exclude_diagonal=True, positives=torch.full((n,), -1),
+                  row_groups=torch.arange(n) % 7, col_groups=torch.arange(m) % 7)
+    every = dict(groups, row_threshold=torch.zeros(n), col_threshold=torch.zeros(m))
+    with triton_aot.recording(arch_name) as calls:
+        for kwargs in (every, groups):
+            rules = masked_logsumexp.Exclusions.from_arguments(a, b, **kwargs).as_args()
+            lse_kernels._forward(a, b, scale, True, rules)
+            lse_kernels._backward(a, b, scale, True, lse_r, lse_c, torch.rand(n), torch.rand(m), rules)
+    # One launch per kernel and set of rules (the P blocks differ only in their offsets).
+    unique = {}
+    for kernel, grid, args, kwargs in calls:
+        name = getattr(kernel, "fn", kernel).__name__
+        if name in ("_lse_fwd_kernel", "_lse_bwd_p_kernel"):
+            unique.setdefault((name, kwargs["HAS_ROW_THRESHOLD"]), (kernel, grid, args, kwargs))
+    return list(unique.values())
+
+
+@compiler
+@pytest.mark.parametrize("arch_name", ["sm90", "sm80"])
+def test_masked_kernels_compile_without_spills(arch_name):
+    """The masked variants of the forward and P kernels, compiled by Triton for the
+    target with their first autotune candidate (bf16), spill no register. (Triton 3.6
+    gives the masked forward an 8 to 16-byte stack frame on sm90 with groups and on
+    sm80 with thresholds, 3.9 none: a few bytes are allowed there.)"""
+    import triton_aot
+    from mmkernels.triton._compat import TRITON_VERSION
+
+    allowed = 16 if TRITON_VERSION < (3, 8) else 0
+
+    calls = _masked_launches(arch_name, torch.bfloat16)
+    assert len(calls) == 4
+    for kernel, _, args, kwargs in calls:
+        try:
+            compiled = triton_aot.compile_call(kernel.fn, args, kwargs, kernel.configs[0],
+                                               triton_aot.TARGETS[arch_name])
+        except (AttributeError, TypeError, ImportError) as error:  # Triton internals moved
+            pytest.skip(f"triton {triton.__version__}: AOT internals differ ({error})")
+        usage = triton_aot.resource_usage(compiled)
+        assert usage.get("local", 0) == 0 and usage.get("stack", 0) <= allowed, (kernel.fn.__name__, usage)
 
 
 # --- GPU ----------------------------------------------------------------------------

@@ -29,7 +29,8 @@ scale applied). The backward recomputes each tile of S with the same call on
 the same operands as the forward on the naive, torch, cpu and cuda backends
 (the cpu kernels' forward and backward share one tile schedule and BLAS call;
 the cuda kernels one tile code, k order and epilogue), so the forward's and
-the backward's decisions at a tie agree bit for bit on each backend. Two
+the backward's decisions at a tie agree bit for bit on each backend; on triton, forward and backward share the K loop and
+BLOCK_K (what a GPU does not guarantee: mmkernels/triton/logsumexp.py). Two
 backends may decide a tie apart: their S can differ in the last bits.
 
 Cost: the mask is decided per tile from O(tile) loads (groups, thresholds,
@@ -46,7 +47,8 @@ compute (a product not asked for is returned empty, shape (0,), and costs
 nothing: 3 N x M x D products instead of 4 when ``a`` or ``b`` is a constant);
 the rules come as :class:`Exclusions` prepared them (``positives`` always an (N,)
 int64 tensor; the others None or tensors on the features' device, thresholds
-in the compute dtype). Backends with these kernels so far: naive, torch, cpu, cuda.
+in the compute dtype). Backends with these kernels so far: naive, torch, cpu,
+cuda, triton.
 
 The family also serves the unmasked primitive when a side is frozen: with no
 rule on (:meth:`Exclusions.none`) its kernels are the unmasked ones, and their

@@ -5,6 +5,9 @@ Importing this package registers, through ``torch.library.triton_op`` +
 
 - ``mmkernels::triton_lse_fwd`` / ``triton_lse_bwd``: the primitive
   (mmkernels/ops/logsumexp.py), kernels in :mod:`mmkernels.triton.logsumexp`;
+- ``mmkernels::triton_masked_lse_fwd`` / ``triton_masked_lse_bwd``: the primitive
+  with exclusions and a frozen side (mmkernels/ops/masked_logsumexp.py), the same
+  kernels with the rules switched on by constexpr flags;
 - ``mmkernels::triton_similarity_fwd`` / ``triton_similarity_bwd``:
   normalized_similarity (mmkernels/ops/similarity.py), kernels in
   :mod:`mmkernels.triton.similarity`;
@@ -44,17 +47,22 @@ choice: the docstrings of the modules named above.
 """
 
 from mmkernels.ops import logsumexp as _logsumexp_op
+from mmkernels.ops import masked_logsumexp as _masked_logsumexp_op
 from mmkernels.ops import siglip as _siglip_op
 from mmkernels.ops import similarity as _similarity_op
-from mmkernels.triton.logsumexp import triton_lse_bwd, triton_lse_fwd
+from mmkernels.triton.logsumexp import (triton_lse_bwd, triton_lse_fwd, triton_masked_lse_bwd,
+                                       triton_masked_lse_fwd)
 from mmkernels.triton.siglip import triton_siglip_bwd, triton_siglip_fwd
 from mmkernels.triton.similarity import triton_similarity_bwd, triton_similarity_fwd
 
 # triton_op derives its own fake (meta) kernels from the Python launchers.
 _logsumexp_op.KERNELS.register("triton", triton_lse_fwd, triton_lse_bwd, register_fake=False)
+_masked_logsumexp_op.KERNELS.register("triton", triton_masked_lse_fwd, triton_masked_lse_bwd,
+                                      register_fake=False)
 _similarity_op.KERNELS.register("triton", triton_similarity_fwd, triton_similarity_bwd,
                                 register_fake=False)
 _siglip_op.KERNELS.register("triton", triton_siglip_fwd, triton_siglip_bwd, register_fake=False)
 
-__all__ = ["triton_lse_fwd", "triton_lse_bwd", "triton_similarity_fwd", "triton_similarity_bwd",
+__all__ = ["triton_lse_fwd", "triton_lse_bwd", "triton_masked_lse_fwd", "triton_masked_lse_bwd",
+           "triton_similarity_fwd", "triton_similarity_bwd",
            "triton_siglip_fwd", "triton_siglip_bwd"]

@@ -205,23 +205,32 @@ def configs(kind: str, arch_name: str, dclass: str) -> list[triton.Config]:
 TUNERS: list = []
 
 
-def tuned(kernel, kind: str, device: torch.device, dtype: torch.dtype, key: tuple, restore: tuple = ()):
+def tuned(kernel, kind: str, device: torch.device, dtype: torch.dtype, key: tuple, restore: tuple = (),
+          keep: str = "all"):
     """``kernel`` under triton.autotune with the candidates for this device and dtype.
 
-    ``key`` names the kernel's shape-bucket arguments; ``restore`` the outputs
+    ``key`` names the kernel's shape-bucket arguments (and any constexpr that
+    selects a variant worth tuning apart); ``restore`` the outputs
     a launch adds to or merges into (autotuning reruns a launch, so they are
     restored after each trial). Under ``torch.use_deterministic_algorithms(True)``
     only the first candidate runs: a choice made by timing could differ from
     one process to the next, and with it the order of the sums.
+    ``keep``: "all" candidates; "block_k", those with the first one's BLOCK_K
+    (kernels that must compute S in the same order of sums as each other);
+    "first", the first alone.
     """
     return _autotuner(kernel, kind, arch(device), dtype_class(dtype), key, restore,
-                      torch.are_deterministic_algorithms_enabled())
+                      torch.are_deterministic_algorithms_enabled(), keep)
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuner(kernel, kind, arch_name, dclass, key, restore, deterministic):
+def _autotuner(kernel, kind, arch_name, dclass, key, restore, deterministic, keep="all"):
     # Built on first use, not at import: the pruning needs the device.
     candidates = configs(kind, arch_name, dclass)
+    if keep == "block_k":
+        candidates = [c for c in candidates if c.kwargs["BLOCK_K"] == candidates[0].kwargs["BLOCK_K"]]
+    elif keep == "first":
+        candidates = candidates[:1]
     tuner = triton.autotune(configs=candidates[:1] if deterministic else candidates, key=list(key),
                             restore_value=list(restore) or None)(kernel)
     TUNERS.append(tuner)
@@ -239,9 +248,10 @@ def inverse_norms(a: torch.Tensor, b: torch.Tensor, normalize: bool, dummy: torc
 
 def blocks(length: int, size: int, *tensors):
     """[(start, stop, [views of each tensor's rows start:stop])] covering ``length`` rows
-    (0-dim tensors, the unused inverse norms, are passed through): the backward's
-    blocks of P, made once per call rather than once per block."""
-    return [(start, min(length, start + size), [t[start:start + size] if t.dim() else t for t in tensors])
+    (0-dim tensors, the unused inverse norms, and None, a rule that is off, are passed
+    through): the backward's blocks of P, made once per call rather than once per block."""
+    return [(start, min(length, start + size),
+             [t[start:start + size] if t is not None and t.dim() else t for t in tensors])
             for start in range(0, length, size)]
 
 

@@ -170,7 +170,8 @@ def _products_kernel(
 # --- launcher --------------------------------------------------------------------
 
 def products(first, second, alpha: torch.Tensor, *, key_shape: tuple[int, int]) -> None:
-    """Run ``out (+)= alpha * X @ (s * Y)`` for two problems in one launch.
+    """Run ``out (+)= alpha * X @ (s * Y)`` for two problems in one launch (or for
+    one: either may be None, for a side that needs no gradient).
 
     Each problem is ``(x, y, s, out, accumulate)``: x (R, K) in the features'
     dtype, any strides (a transpose is a stride swap); y (K, D) features;
@@ -180,8 +181,15 @@ def products(first, second, alpha: torch.Tensor, *, key_shape: tuple[int, int]) 
     for the autotune key: every launch of one backward shares it, so only the
     first (which writes, not adds) is ever autotuned.
     """
-    if second[0].shape[1] > first[0].shape[1]:
-        first, second = second, first
+    if first is None or second is None:
+        # One problem: the grid covers its tiles only; the second problem's
+        # arguments repeat the first's and are never read.
+        first = first if first is not None else second
+        second, rows1 = first, 0
+    else:
+        if second[0].shape[1] > first[0].shape[1]:
+            first, second = second, first
+        rows1 = second[0].shape[0]
     y0 = first[1]
     d = y0.shape[1]
     dtype = y0.dtype
@@ -194,7 +202,7 @@ def products(first, second, alpha: torch.Tensor, *, key_shape: tuple[int, int]) 
         return (x, y, s if s is not None else alpha, out, x.shape[0], x.shape[1], int(accumulate),
                 x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1))
 
-    rows0, rows1 = first[0].shape[0], second[0].shape[0]
+    rows0 = first[0].shape[0]
 
     def grid(meta):
         tiles_d = triton.cdiv(d, meta["BLOCK_D"])
