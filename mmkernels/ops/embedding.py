@@ -55,8 +55,6 @@ input dtype; gradients come back in the input dtype.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Sequence
 
 import torch
@@ -64,7 +62,7 @@ from torch import Tensor
 
 from mmkernels import _checks, backends
 from mmkernels.ops import masked_logsumexp
-from mmkernels.ops.contrastive import _reduce, _Side
+from mmkernels.ops.contrastive import _reduce, _Side, check_margin
 from mmkernels.ops.logsumexp import similarity_logsumexp, similarity_matrix
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
@@ -110,19 +108,6 @@ def _check_directions(directions, partition_mode) -> tuple[str, ...]:
                          f"include the positive; {sorted(set(directions) & set(_SELF_DIRECTIONS))} "
                          f"do not (use partition_mode='joint')")
     return tuple(dict.fromkeys(directions))  # a repeated direction counts once, as in theirs
-
-
-def check_margin(false_negative_margin):
-    """None, or the margin as a float; raises naming ``false_negative_margin``."""
-    if false_negative_margin is None:
-        return None
-    if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin,
-                                                                 numbers.Real):
-        raise TypeError(f"false_negative_margin: expected a number or None, got "
-                        f"{type(false_negative_margin).__name__}")
-    if math.isnan(false_negative_margin):
-        raise ValueError("false_negative_margin: got NaN")
-    return float(false_negative_margin)
 
 
 # --- reference (the naive backend): sentence-transformers' algorithm ------------------
