@@ -4,6 +4,7 @@ The public API (names and semantics fixed by the project's API contract):
 
 - :func:`contrastive_loss`: symmetric CLIP loss, never holding the N x N matrix
 - :func:`info_nce`: one-direction InfoNCE over a rectangular similarity matrix
+- :func:`multiple_negatives_loss`: sentence-transformers' MultipleNegativesRankingLoss on embeddings
 - :func:`similarity_logsumexp`: the tiled primitive (row and column logsumexp)
 - :func:`normalized_similarity`: cosine-similarity matrix, normalization fused
 - :class:`ClipLoss`: drop-in for open_clip's ClipLoss
@@ -18,7 +19,7 @@ from mmkernels import backends, distributed  # noqa: F401  (mmkernels.distribute
 from mmkernels.backends import available_backends
 from mmkernels.nn import ClipLoss, SigLipLoss
 from mmkernels.ops import contrastive_loss, info_nce, normalized_similarity, similarity_logsumexp
-from mmkernels.ops import siglip_loss
+from mmkernels.ops import multiple_negatives_loss, siglip_loss
 
 
 # Every backend usable in this process registers its kernels now (the torch and
@@ -35,6 +36,7 @@ __all__ = [
     "available_backends",
     "contrastive_loss",
     "info_nce",
+    "multiple_negatives_loss",
     "normalized_similarity",
     "similarity_logsumexp",
     "siglip_loss",

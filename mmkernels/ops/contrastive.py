@@ -30,13 +30,16 @@ loss is fp32 whatever the input dtype; gradients come back in the input dtype.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mmkernels import _checks, backends
 from mmkernels.ops import _common
-from mmkernels.ops.logsumexp import lse, similarity_matrix
+from mmkernels.ops.logsumexp import lse, similarity_logsumexp, similarity_matrix
 
 
 class _Side:
@@ -80,10 +83,28 @@ def _check_common(logit_scale, label_smoothing, reduction, like):
     return _checks.as_scalar_tensor("logit_scale", logit_scale, like)
 
 
+def check_margin(false_negative_margin, label_smoothing=0.0):
+    """None, or the margin as a float; raises naming ``false_negative_margin``."""
+    if false_negative_margin is None:
+        return None
+    if isinstance(false_negative_margin, bool) or not isinstance(false_negative_margin,
+                                                                 numbers.Real):
+        raise TypeError(f"false_negative_margin: expected a number or None, got "
+                        f"{type(false_negative_margin).__name__}")
+    if math.isnan(false_negative_margin):
+        raise ValueError("false_negative_margin: got NaN")
+    if label_smoothing:
+        # smoothing's mean over a row would take the dropped logits back in
+        raise ValueError(f"false_negative_margin: not combined with label_smoothing "
+                         f"(got {label_smoothing})")
+    return float(false_negative_margin)
+
+
 @_checks.outside_autocast
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale=1.0, *,
                      normalize: bool = False, label_smoothing: float = 0.0,
-                     reduction: str = "mean", backend: str = "auto") -> Tensor:
+                     reduction: str = "mean", false_negative_margin=None,
+                     backend: str = "auto") -> Tensor:
     """Symmetric CLIP loss without the N x N matrix.
 
     Equals ``(F.cross_entropy(S, arange(N), label_smoothing=ls) +
@@ -100,6 +121,9 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale=
         label_smoothing: in [0, 1), as in F.cross_entropy.
         reduction: "mean" (default), "sum", or "none" for the (N,) per-pair
             losses ``(l_i2t[i] + l_t2i[i]) / 2``.
+        false_negative_margin: None, or m: an entry with ``S[i, j] > S[i, i] + m``
+            leaves row i's softmax, one with ``S[i, j] > S[j, j] + m`` column j's
+            (logit units; the positives stay). Not with label_smoothing.
         backend: "auto" or a backend name (see :mod:`mmkernels.backends`).
 
     Returns:
@@ -109,6 +133,15 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale=
                        same_rows=True)
     name = backends.select_backend(backend, image_features.device)
     scale = _check_common(logit_scale, label_smoothing, reduction, image_features)
+    margin = check_margin(false_negative_margin, label_smoothing)
+    if margin is not None:
+        positive = scale * _Side(image_features, normalize).dot(_Side(text_features, normalize))
+        threshold = positive.detach() + margin
+        row_lse, col_lse = similarity_logsumexp(image_features, text_features, scale,
+                                                normalize=normalize, row_threshold=threshold,
+                                                col_threshold=threshold, backend=backend)
+        return _reduce(pair_losses(image_features, text_features, row_lse, col_lse, scale,
+                                   normalize, 0.0, n=row_lse.shape[0]), reduction)
     if name == "naive":
         return _naive_contrastive(image_features, text_features, scale, normalize,
                                   label_smoothing, reduction)
@@ -150,7 +183,7 @@ def _naive_contrastive(a, b, scale, normalize, label_smoothing, reduction):
 @_checks.outside_autocast
 def info_nce(query: Tensor, keys: Tensor, labels: Tensor | None = None, logit_scale=1.0, *,
              normalize: bool = False, label_smoothing: float = 0.0, reduction: str = "mean",
-             backend: str = "auto") -> Tensor:
+             false_negative_margin=None, backend: str = "auto") -> Tensor:
     """One-direction InfoNCE over a rectangular similarity matrix, never held whole.
 
     Equals ``F.cross_entropy(S, labels, label_smoothing=label_smoothing,
@@ -162,6 +195,9 @@ def info_nce(query: Tensor, keys: Tensor, labels: Tensor | None = None, logit_sc
             ``arange(N)`` (needs M >= N: the first N keys pair with the queries).
         logit_scale, normalize, label_smoothing, reduction, backend: as in
             :func:`contrastive_loss`; "none" returns the (N,) per-query losses.
+        false_negative_margin: None, or m: keys with ``S[i, j] > S[i, labels[i]] + m``
+            leave row i's softmax (logit units; the positive stays). Not with
+            label_smoothing.
 
     Returns:
         fp32 loss (fp64 for fp64 inputs); gradients in the input dtype.
@@ -177,6 +213,13 @@ def info_nce(query: Tensor, keys: Tensor, labels: Tensor | None = None, logit_sc
         _checks.check_labels(labels, n, m, query.device)
     name = backends.select_backend(backend, query.device)
     scale = _check_common(logit_scale, label_smoothing, reduction, query)
+    margin = check_margin(false_negative_margin, label_smoothing)
+    if margin is not None:
+        positive = scale * _Side(query, normalize).dot(_Side(keys, normalize), rows=labels)
+        row_lse, _ = similarity_logsumexp(query, keys, scale, normalize=normalize,
+                                          row_threshold=positive.detach() + margin,
+                                          positives=labels, backend=backend)
+        return _reduce(row_lse - positive, reduction)
     if name == "naive":
         s = similarity_matrix(query, keys, scale, normalize)
         return F.cross_entropy(s, labels, label_smoothing=label_smoothing, reduction=reduction)

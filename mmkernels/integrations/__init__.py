@@ -1,0 +1,7 @@
+"""Drop-ins for other libraries' losses, computed by mmkernels' kernels.
+
+Each submodule imports its library (an optional dependency) when it is
+imported itself; ``import mmkernels`` imports none of them.
+
+- :mod:`mmkernels.integrations.sentence_transformers`: ``MultipleNegativesRankingLoss``
+"""
