@@ -36,11 +36,41 @@ def _time_mm(a: torch.Tensor, b: torch.Tensor) -> dict:
     return common.time_cuda(lambda: torch.mm(a, b.T, out=out))
 
 
-def measure(n: int, d: int, dtype: torch.dtype) -> list[dict]:
-    import triton
+def _kernel_name(kernel) -> str:
+    """The Triton function's name, through an autotuner."""
+    return getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel))
 
-    from mmkernels.ops._common import inv_norms
-    from mmkernels.triton import _launch, logsumexp as lse, matmul, siglip, similarity  # registers the ops
+
+def first_block(run, p_kernel: str):
+    """Replays of the first block of a backward: (its P kernel's launch, the launches
+    after it up to the next block's: the products). ``run`` runs the backward once,
+    with every launch recorded on its way to the GPU."""
+    from mmkernels.triton import _launch
+
+    launches, real = [], _launch.launch
+
+    def record(kernel, grid, *args, **kwargs):
+        launches.append((kernel, grid, args, kwargs))
+        return real(kernel, grid, *args, **kwargs)
+
+    _launch.launch = record
+    try:
+        run()
+    finally:
+        _launch.launch = real
+    names = [_kernel_name(kernel) for kernel, *_ in launches]
+    first = names.index(p_kernel)
+    after = [k for k in range(first + 1, len(names)) if names[k] == p_kernel]
+    block = launches[first: after[0] if after else len(launches)]
+
+    def replay(calls):
+        return lambda: [real(kernel, grid, *args, **kwargs) for kernel, grid, args, kwargs in calls]
+
+    return replay(block[:1]), replay(block[1:])
+
+
+def measure(n: int, d: int, dtype: torch.dtype) -> list[dict]:
+    from mmkernels.triton import _launch, logsumexp as lse, siglip, similarity  # registers the ops
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(n, d, device="cuda", dtype=dtype, generator=gen)
@@ -58,28 +88,12 @@ def measure(n: int, d: int, dtype: torch.dtype) -> list[dict]:
     results["lse_bwd"] = (common.time_cuda(
         lambda: lse.triton_lse_bwd(a, b, scale, True, row, col, g_row, g_col)), 3 * gemm)
 
-    # One block of the backward, its two launches apart.
+    # One block of the backward, its two halves apart: the launches of the first
+    # block, recorded from a real backward (so their arguments are the op's own).
     rows, cols = _launch.p_block(n, n, a.element_size(), _launch.arch(a.device))
-    p = torch.empty(rows, cols, device="cuda", dtype=dtype)
-    ra, rb = inv_norms(a), inv_norms(b)
-    kernel = lse._tile_kernel(lse._lse_bwd_p_kernel, a.device, dtype, ("I_KEY", "J_KEY", "D_KEY"))
-    one = torch.ones((), device="cuda")
-
-    def p_kernel():
-        _launch.launch(kernel, lse._tile_grid(rows, cols), a, b, ra, rb, scale, row, col, g_row, g_col,
-                       one, p, rows, cols, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                       p.stride(0), _launch.bucket(rows), _launch.bucket(cols), _launch.bucket(d),
-                       NORMALIZE=True, IS_FP64=False, PRECISION=_launch.input_precision(dtype),
-                       FAST=lse.FAST_RANGE)
-
-    pb = torch.zeros(rows, d, device="cuda")
-    pa = torch.zeros(cols, d, device="cuda")
-
-    def products():
-        matmul.products((p, b[:cols], rb[:cols], pb, True), (p.T, a[:rows], ra[:rows], pa, True), one,
-                        key_shape=(rows, cols))
-
     block = 2.0 * rows * cols * d
+    p_kernel, products = first_block(lambda: lse.triton_lse_bwd(a, b, scale, True, row, col, g_row, g_col),
+                                     "_lse_bwd_p_kernel")
     results["bwd_p"] = (common.time_cuda(p_kernel), block)
     results["bwd_products"] = (common.time_cuda(products), 2 * block)
 
@@ -88,18 +102,8 @@ def measure(n: int, d: int, dtype: torch.dtype) -> list[dict]:
         lambda: siglip.triton_siglip_fwd(a, b, sig_scale, bias, True, True)), gemm)
     results["siglip_bwd"] = (common.time_cuda(
         lambda: siglip.triton_siglip_bwd(a, b, sig_scale, bias, True, True, g_row)), 3 * gemm)
-    sig_kernel = _launch.tuned(siglip._siglip_bwd_p_kernel, "tile", a.device, dtype,
-                               ("I_KEY", "J_KEY", "D_KEY"), ("part_ptr",))
-    sums = torch.zeros(max(triton.cdiv(cols, c.kwargs["BLOCK_N"]) for c in sig_kernel.configs), rows,
-                       device="cuda")
-
-    def siglip_p_kernel():
-        _launch.launch(sig_kernel, lse._tile_grid(rows, cols), a, b, ra, rb, sig_scale, bias, g_row, one,
-                       p, sums, rows, cols, d, 0, 0, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                       p.stride(0), sums.stride(0), _launch.bucket(rows), _launch.bucket(cols),
-                       _launch.bucket(d), NORMALIZE=True, DIAGONAL=True, IS_FP64=False,
-                       PRECISION=_launch.input_precision(dtype))
-
+    siglip_p_kernel, _ = first_block(
+        lambda: siglip.triton_siglip_bwd(a, b, sig_scale, bias, True, True, g_row), "_siglip_bwd_p_kernel")
     results["siglip_bwd_p"] = (common.time_cuda(siglip_p_kernel), block)
 
     if n * n * a.element_size() * 2 < torch.cuda.mem_get_info()[0] // 2:
