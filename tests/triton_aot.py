@@ -50,8 +50,9 @@ def recording(arch_name: str, sms: int = 132):
 
 
 def record_all(arch_name: str, dtype: torch.dtype, n: int = 8192, m: int = 8192, d: int = 768):
-    """Every kernel launch of the triton backend's six ops (both normalize modes; siglip's
-    with and without positives on the diagonal)."""
+    """Every kernel launch of the triton backend's eight ops (both normalize modes; siglip's
+    with and without positives on the diagonal; the masked primitive with every rule on)."""
+    from mmkernels.ops import masked_logsumexp
     from mmkernels.triton import logsumexp, siglip, similarity
 
     a, b = torch.randn(n, d, dtype=dtype), torch.randn(m, d, dtype=dtype)
@@ -69,15 +70,32 @@ def record_all(arch_name: str, dtype: torch.dtype, n: int = 8192, m: int = 8192,
         for normalize, diagonal in ((False, True), (True, False)):
             siglip._forward(a, b, scale, bias, normalize, diagonal)
             siglip._backward(a, b, scale, bias, normalize, diagonal, torch.rand(n, dtype=cdt))
+        # The masked primitive with every rule on: its largest variant.
+        rules = masked_logsumexp.Exclusions.from_arguments(
+            a, b, exclude_diagonal=True, positives=torch.full((n,), -1), row_groups=torch.arange(n) % 7,
+            col_groups=torch.arange(m) % 7, row_threshold=torch.zeros(n, dtype=cdt),
+            col_threshold=torch.zeros(m, dtype=cdt)).as_args()
+        logsumexp._forward(a, b, scale, True, rules)
+        logsumexp._backward(a, b, scale, True, lse_r, lse_c, torch.rand(n, dtype=cdt),
+                            torch.rand(m, dtype=cdt), rules)
     return calls
+
+
+# Where a masked P block lies in S: a value per block, specialized alike (multiples of 16).
+_BLOCK_OFFSETS = ("row0", "col0")
 
 
 def _unique(calls):
     """One call per (kernel, constexpr values): the blocks of a backward repeat themselves."""
+    def kind(x):  # what a launch specializes on: a tensor's dtype, not its values
+        return str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+
     seen, out = set(), []
     for kernel, grid, args, kwargs in calls:
-        key = (id(kernel), tuple(sorted((k, str(v)) for k, v in kwargs.items())),
-               tuple(str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__ for x in args))
+        key = (id(kernel),
+               tuple(sorted((k, kind(v) if isinstance(v, torch.Tensor) else str(v))
+                            for k, v in kwargs.items() if k not in _BLOCK_OFFSETS)),
+               tuple(kind(x) for x in args))
         if key not in seen:
             seen.add(key)
             out.append((kernel, grid, args, kwargs))
