@@ -93,6 +93,18 @@ def thresholds_between(a, b, scale, quantile):
     return s.quantile(quantile, dim=1) + 1e-3, s.quantile(quantile, dim=0) + 1e-3
 
 
+def sparse_copies(n, m):
+    """Column groups where most columns are their own item and rows 0 and 1 (of
+    groups arange(n)) have copies far away (the middle and last columns): a row meets
+    its group in one or two column tiles, not in every one."""
+    groups = torch.arange(m) + n
+    groups[: min(n, m)] = torch.arange(min(n, m))
+    if m > 2:
+        groups[m - 1] = 0
+        groups[m // 2] = min(1, n - 1)
+    return groups
+
+
 def rule_sets(n, m, a, b, scale):
     row_t, col_t = thresholds_between(a, b, scale, 0.6)
     groups_rows = torch.arange(n) % 3
@@ -101,6 +113,7 @@ def rule_sets(n, m, a, b, scale):
     return {
         "diagonal": dict(exclude_diagonal=True, positives=no_positive),
         "groups": dict(row_groups=groups_rows, col_groups=groups_cols),
+        "sparse_groups": dict(row_groups=torch.arange(n), col_groups=sparse_copies(n, m)),
         "row_threshold": dict(row_threshold=row_t),
         "col_threshold": dict(col_threshold=col_t),
         "all": dict(exclude_diagonal=True, positives=(torch.arange(n) + 1) % m,
@@ -112,7 +125,8 @@ def rule_sets(n, m, a, b, scale):
 # --- every rule alone and combined, tile edges, both statistics ---------------
 
 @pytest.mark.parametrize("backend", MASKED_BACKENDS)
-@pytest.mark.parametrize("rule", ["diagonal", "groups", "row_threshold", "col_threshold", "all"])
+@pytest.mark.parametrize("rule", ["diagonal", "groups", "sparse_groups", "row_threshold", "col_threshold",
+                                  "all"])
 @pytest.mark.parametrize("n,m,d", [(1, 1, 3), (9, 17, 5), (17, 17, 8), (20, 33, 6)])
 def test_each_rule_and_all_together(backend, small_tiles, rule, n, m, d):
     a, b = features(n, m, d)
@@ -122,7 +136,7 @@ def test_each_rule_and_all_together(backend, small_tiles, rule, n, m, d):
 
 
 @pytest.mark.skipif(not _extension.cpu_built(), reason="needs the C++ CPU kernels")
-@pytest.mark.parametrize("rule", ["groups", "all"])
+@pytest.mark.parametrize("rule", ["groups", "sparse_groups", "all"])
 @pytest.mark.parametrize("n,m,d", [(9, 17, 5), (20, 45, 6)])
 def test_every_cpu_instruction_set(isa, small_tiles, rule, n, m, d):
     """The C++ tile kernels' SIMD and portable exclusion masks, at vector and tile edges."""

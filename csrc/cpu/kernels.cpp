@@ -39,6 +39,8 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "../common.h"
 #include "../int_math.h"
@@ -159,12 +161,46 @@ void backward_tiles(const Schedule& sched, const Tensor& ah, const Tensor& bh, d
 }
 
 // The exclusion rules of a whole masked call (as a tile at (0, 0) sees them)
-// offset to the tile at (i0, j0).
+// offset to the tile at (i0, j0), in column tile j0 / tn of the schedule.
 template <typename T>
-TileExclusions<T> for_tile(const TileExclusions<T>& all, int64_t i0, int64_t j0) {
+TileExclusions<T> for_tile(const TileExclusions<T>& all, int64_t i0, int64_t j0, int64_t tn) {
   auto shift = [](const T* p, int64_t k) { return p ? p + k : nullptr; };
-  return {all.exclude_diagonal,          i0 - j0, all.positives + i0, j0, shift(all.row_groups, i0),
-          shift(all.col_groups, j0), shift(all.row_threshold, i0), shift(all.col_threshold, j0)};
+  const uint8_t* hits = all.group_hits ? all.group_hits + i0 * all.group_hits_stride + j0 / tn : nullptr;
+  return {all.exclude_diagonal,        i0 - j0, all.positives + i0,           j0,
+          shift(all.row_groups, i0),   shift(all.col_groups, j0), shift(all.row_threshold, i0),
+          shift(all.col_threshold, j0), hits,   all.group_hits_stride};
+}
+
+// For each row i and column tile t (columns t*tn..): 1 where some column of the
+// tile has row i's group. Most rows meet their group in one tile or none (the
+// other copies of a duplicated item), so the tile kernels skip the group compare
+// elsewhere. N x column-tiles bytes, built in O(N + M log M + hits).
+template <typename T>
+std::vector<uint8_t> group_hits(const TileExclusions<T>& all, int64_t n, int64_t m, int64_t tn) {
+  const int64_t tiles = ceil_div(m, tn);
+  std::vector<std::pair<int64_t, int64_t>> group_tile(m);  // (group, column tile) of each column
+  for (int64_t j = 0; j < m; ++j) group_tile[j] = {static_cast<int64_t>(all.col_groups[j]), j / tn};
+  std::sort(group_tile.begin(), group_tile.end());
+  group_tile.erase(std::unique(group_tile.begin(), group_tile.end()), group_tile.end());
+  std::vector<uint8_t> hits(n * tiles, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = static_cast<int64_t>(all.row_groups[i]);
+    auto it = std::lower_bound(group_tile.begin(), group_tile.end(), std::pair<int64_t, int64_t>{g, 0});
+    for (; it != group_tile.end() && it->first == g; ++it) hits[i * tiles + it->second] = 1;
+  }
+  return hits;
+}
+
+// The rules with their group hits for this schedule's tiles (kept in `hits`).
+template <typename T>
+TileExclusions<T> with_group_hits(const TileExclusions<T>& all, const Schedule& sched, std::vector<uint8_t>& hits) {
+  TileExclusions<T> out = all;
+  if (all.row_groups) {
+    hits = group_hits(all, sched.n, sched.m, sched.tn);
+    out.group_hits = hits.data();
+    out.group_hits_stride = ceil_div(sched.m, sched.tn);
+  }
+  return out;
 }
 
 // `rules` null: the unmasked primitive.
@@ -184,6 +220,8 @@ void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileEx
   T* cmax = col_max.data_ptr<T>();  // row c: chunk c's column statistics
   T* csum = col_sum.data_ptr<T>();
   T* scratch = work.data_ptr<T>();
+  std::vector<uint8_t> hits;
+  const TileExclusions<T> all = rules ? with_group_hits(*rules, sched, hits) : TileExclusions<T>{};
   forward_tiles(sched, ah, bh, scale, [&](int64_t c, int64_t i0, int64_t j0, const Tensor& s) {
     T* work_c = scratch + c * (sched.tm + sched.tn);
     if (rules == nullptr) {
@@ -191,7 +229,7 @@ void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileEx
                      csum + c * m + j0, work_c);
     } else {
       ops.fold_stats_masked(s.data_ptr<T>(), s.size(0), s.size(1), s.size(1), rmax + i0, rsum + i0,
-                            cmax + c * m + j0, csum + c * m + j0, work_c, for_tile(*rules, i0, j0));
+                            cmax + c * m + j0, csum + c * m + j0, work_c, for_tile(all, i0, j0, sched.tn));
     }
   });
 
@@ -215,12 +253,14 @@ void lse_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileEx
   const T* gr = g_row.data_ptr<T>();
   const T* cl = col_lse.data_ptr<T>();
   const T* gc = g_col.data_ptr<T>();
+  std::vector<uint8_t> hits;
+  const TileExclusions<T> all = rules ? with_group_hits(*rules, sched, hits) : TileExclusions<T>{};
   auto to_p = [&](int64_t i0, int64_t j0, Tensor& p) {
     if (rules == nullptr) {
       ops.softmax_grad(p.data_ptr<T>(), p.size(0), p.size(1), p.size(1), rl + i0, gr + i0, cl + j0, gc + j0);
     } else {
       ops.softmax_grad_masked(p.data_ptr<T>(), p.size(0), p.size(1), p.size(1), rl + i0, gr + i0, cl + j0,
-                              gc + j0, for_tile(*rules, i0, j0));
+                              gc + j0, for_tile(all, i0, j0, sched.tn));
     }
   };
   backward_tiles(sched, ah, bh, scale, pb, pa, to_p, compute_pb, compute_pa);
@@ -318,7 +358,9 @@ struct PreparedRules {
             row_groups.defined() ? row_groups.data_ptr<T>() : nullptr,
             col_groups.defined() ? col_groups.data_ptr<T>() : nullptr,
             data(rules.row_threshold),
-            data(rules.col_threshold)};
+            data(rules.col_threshold),
+            nullptr,
+            0};
   }
 };
 

@@ -51,6 +51,11 @@ struct TileExclusions {
   const T* col_groups;     // cols
   const T* row_threshold;  // rows
   const T* col_threshold;  // cols
+  // Optional, for speed only (null: any row may meet its group here): row r has a
+  // member of its group among this tile's columns only where group_hits[r * group_hits_stride]
+  // is nonzero, so the other rows skip the group compare.
+  const uint8_t* group_hits;
+  int64_t group_hits_stride;
 };
 
 template <typename T>
