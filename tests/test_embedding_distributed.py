@@ -56,6 +56,9 @@ def test_embedding_distributed(world, case):
     assert "failed" not in reports, reports.get("failed")
     failures = {rank: report[case] for rank, report in reports.items() if report.get(case)}
     assert not failures, "\n".join(f"rank {rank}:\n{text}" for rank, text in failures.items())
+    if case.startswith("memory-"):  # the figures, for `pytest -rP`
+        for rank, report in reports.items():
+            print(f"rank {rank}: peak RSS added by fwd+bwd (MiB): {report['_memory_mib']}")
 
 
 # --- single-process behaviour ------------------------------------------------------
