@@ -51,7 +51,7 @@ def run_world(world: int) -> dict:
         return {"failed": str(failure)}
 
 
-def _run_world(world: int) -> dict:
+def _run_world(world: int, worker: Path = WORKER) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if sys.platform.startswith("linux"):
@@ -60,7 +60,7 @@ def _run_world(world: int) -> dict:
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=WORLD_TIMEOUT))
     with tempfile.TemporaryDirectory() as out:
-        procs = [subprocess.Popen([sys.executable, str(WORKER), str(world), str(rank),
+        procs = [subprocess.Popen([sys.executable, str(worker), str(world), str(rank),
                                    str(store.port), out, ",".join(TILED)],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for rank in range(world)]

@@ -14,7 +14,8 @@ _autograd.py (the differentiable all-gather and sums over ranks), _kernels.py
 """
 
 from mmkernels.distributed.clip import STRATEGIES, clip_loss, contrastive_loss
+from mmkernels.distributed.embedding import multiple_negatives_loss
 from mmkernels.distributed.siglip import EXCHANGES, siglip_loss_distributed
 
 __all__ = ["STRATEGIES", "EXCHANGES", "clip_loss", "contrastive_loss",
-           "siglip_loss_distributed"]
+           "multiple_negatives_loss", "siglip_loss_distributed"]

@@ -1,0 +1,475 @@
+r"""sentence-transformers' MultipleNegativesRankingLoss of a global batch spread over
+torch.distributed ranks, by a point-to-point ring: O(local_N * (1+k) * D) per rank.
+
+Maths
+-----
+Each of the W ranks holds queries ``q_r`` (n_r, D) and documents ``docs_r``
+(n_r * (1+k), D) in the single-process layout (ops/embedding.py): the positives
+``d^0_r`` first, then k blocks of hard negatives ``d^b_r``, row i of each block
+belonging to query i. The global batch is what sentence-transformers builds with
+``gather_across_devices=True`` (its all-gather of each column): the queries
+concatenated in rank order, and each document block concatenated in rank order::
+
+    Q = [q_0; ...; q_{W-1}]          D^b = [d^b_0; ...; d^b_{W-1}]  (b = 0..k)
+    docs = [D^0; D^1; ...; D^k]                                      (N*(1+k), D)
+
+and the loss is :func:`mmkernels.multiple_negatives_loss` of ``(Q, docs)``: the
+sum (or mean) over the N = sum_r n_r queries of ``log Z_i - p_i``. Query i of
+rank r has the global id ``g = offset_r + i``; so does every document of its row
+in each block (the documents "of query g"). A logsumexp does not depend on the
+order of its candidates, so each rank may visit the other ranks' blocks in any
+order: only these ids matter.
+
+Ring
+----
+Rank r's rows need three matrices against the whole batch, each computed one
+visiting block ``v`` at a time by the masked primitive (ops/masked_logsumexp.py),
+whose rules then speak in global ids:
+
+- ``q_r x docs_v`` (always): row statistics = query_to_doc; column statistics
+  of its first n_v columns = doc_to_query of rank v's positives (they travel
+  with the block, as the column statistics of the CLIP ring do: clip.py).
+  The positive of row i is column i when v = r, else none (-1). Margin: row
+  threshold ``p + m`` of the home queries, column threshold ``p + m`` of the
+  visiting positives (+inf on the hard negatives, whose column statistics go
+  unused).
+- ``q_r x q_v`` (query_to_query): groups = the global query ids of rows and
+  columns (this excludes exactly the pair of a query with itself), no positive.
+- ``d^0_r x docs_v`` (doc_to_doc): row groups = the home queries' ids, column
+  groups = the id of each visiting document's query (``offset_v + j mod n_v``),
+  which excludes every document of the row's own query; no positive.
+
+The thresholds of the visiting blocks come from one all-gather of the N
+positive logits (O(N) numbers; no features). Each matrix is one autograd node
+(:class:`_RingMaskedLogSumExp`) running the CLIP ring's schedule: the next
+block is sent while the current one is computed on; in the backward the block
+travels again with its column statistics and upstream column gradients, the
+products for the home rows (pb) stay home and those for the visiting rows (pa)
+travel in an accumulator that comes home after one lap. Autograd sums the
+gradients of a tensor used by several nodes (q_r in all three). Per rank, at
+any time: the local inputs, two visiting blocks, one accumulator and a tile:
+O(n_r * (1+k) * D), whatever W; plus O(N) scalars (the gathered thresholds).
+
+Gradients
+---------
+As :func:`mmkernels.distributed.contrastive_loss` (clip.py): every rank
+returns the global loss L; each rank's feature gradients are ``W * dL/dx`` of
+its own rows and ``logit_scale`` receives ``dL/dscale``, so DDP's averaging
+yields the single-process gradient of the global batch. sentence-transformers'
+``gather_across_devices=True`` gives the same feature gradients (its
+all-gather's backward sums every rank's loss, each the mean over its own rows;
+with equal shards the sum is W times the global mean), while its value on each
+rank is its own rows' mean: the mean of those over ranks is L.
+
+Every rank must call the loss, and its backward, with the same settings; the
+inputs are checked on every rank and the ranks' shapes and settings exchanged
+before any features move, so that an error is raised on every rank instead of
+a hang.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from mmkernels import _checks
+from mmkernels.distributed._autograd import LossOverRanks, SharedScalar, gather_rows
+from mmkernels.distributed._ring import Ring, Slots
+from mmkernels.ops import _common
+from mmkernels.ops import masked_logsumexp as _masked
+from mmkernels.ops.contrastive import _Side, check_margin
+from mmkernels.ops.embedding import DIRECTIONS, _check_directions, _docs_matrix
+from mmkernels.ops.embedding import multiple_negatives_loss as _single_process_loss
+
+PARTITION_MODES = ("joint", "per_direction")
+REDUCTIONS = ("mean", "sum")  # every rank returns the global loss: no per-row "none"
+
+
+# --- checks, done on every rank and agreed on before any features move -------
+
+_FIELDS = ("ok", "rows", "blocks", "D", "dtype", "directions", "partition_mode", "has_margin",
+           "margin", "normalize", "reduction", "query_needs_grad", "docs_needs_grad",
+           "scale_needs_grad", "logit_scale")
+
+
+def _check_locally(query, docs, logit_scale, directions, partition_mode, margin, normalize,
+                   reduction, backend):
+    """This rank's inputs checked; returns (docs matrix, directions, margin, scale, backend)."""
+    docs = _docs_matrix(query, docs)
+    directions = _check_directions(directions, partition_mode)
+    margin = check_margin(margin)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS} (every rank returns the "
+                         f"global loss), got {reduction!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    # The ring expresses every block's rules through the masked primitive.
+    name = _masked.masked_backend(backend, query.device)
+    scale = _checks.as_scalar_tensor("logit_scale", logit_scale, query)
+    return docs, directions, margin, scale, name
+
+
+def _agree(group, query, docs, logit_scale, *, directions, partition_mode, margin, normalize,
+           reduction, backend):
+    """Check the inputs on this rank, exchange what the ranks must agree on (one small
+    all_gather), and raise the same error on every rank when something is wrong.
+
+    Returns ``(ring, docs, directions, margin, scale, backend_name, trains)``:
+    ``trains`` says which sides train on some rank ("query", "docs"), which tells
+    the ring's backward whether to compute (and send round) the visiting side's
+    products."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("mmkernels.distributed: torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group first (or use "
+                           "mmkernels.multiple_negatives_loss on one process)")
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    error = None
+    try:
+        docs, directions, margin, scale, name = _check_locally(
+            query, docs, logit_scale, directions, partition_mode, margin, normalize,
+            reduction, backend)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        error = exc
+    device = query.device if isinstance(query, Tensor) else torch.device("cpu")
+    if error is None:
+        grad_on = torch.is_grad_enabled()
+        facts = [1.0, query.shape[0], docs.shape[0] // query.shape[0], query.shape[1],
+                 _checks.FLOAT_DTYPES.index(query.dtype),
+                 float(sum(2 ** DIRECTIONS.index(d) for d in directions)),
+                 PARTITION_MODES.index(partition_mode), float(margin is not None),
+                 0.0 if margin is None else margin, float(normalize),
+                 REDUCTIONS.index(reduction), float(grad_on and query.requires_grad),
+                 float(grad_on and docs.requires_grad), float(grad_on and scale.requires_grad)]
+        mine = torch.cat([torch.tensor(facts, dtype=torch.float64, device=device),
+                          scale.detach().to(torch.float64).reshape(1)])
+    else:
+        mine = torch.zeros(len(_FIELDS), dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(gathered, mine, group=group)
+    table = [dict(zip(_FIELDS, row)) for row in torch.stack(gathered).cpu().tolist()]
+    if error is not None:
+        raise error
+    _check_agreement(table)
+    ring = Ring(group, rank, size, tuple(int(row["rows"]) for row in table))
+    trains = {"query": bool(table[0]["query_needs_grad"]),
+              "docs": bool(table[0]["docs_needs_grad"])}
+    return ring, docs, directions, margin, scale, name, trains
+
+
+def _check_agreement(table: list) -> None:
+    """Raise (identically on every rank) when the ranks' facts are inconsistent."""
+    bad = [q for q, row in enumerate(table) if not row["ok"]]
+    if bad:
+        raise ValueError(f"mmkernels.distributed: the inputs of rank(s) {bad} are invalid (the "
+                         "error raised there says why); every rank of the group stops")
+
+    def per_rank(field, show=lambda v: v):
+        return ", ".join(f"rank {q}: {show(row[field])}" for q, row in enumerate(table))
+
+    def differs(field):  # NaN (a non-finite logit_scale) equals NaN here
+        return len({row[field] if row[field] == row[field] else "nan" for row in table}) > 1
+
+    if differs("D"):
+        raise ValueError("query/docs: the feature dimension D differs across ranks "
+                         f"({per_rank('D', int)}); every rank must pass features with the same D")
+    if differs("dtype"):
+        raise _checks.DTypeError(
+            "query/docs: the dtype differs across ranks "
+            f"({per_rank('dtype', lambda v: _checks.FLOAT_DTYPES[int(v)])}); every rank must "
+            "pass features of the same dtype")
+    if differs("blocks"):
+        raise ValueError("docs: the number of hard-negative blocks k differs across ranks "
+                         f"({per_rank('blocks', lambda v: int(v) - 1)}); every rank must pass "
+                         "local_N * (1+k) documents with the same k")
+    for field in ("directions", "partition_mode", "has_margin", "margin", "normalize",
+                  "reduction", "logit_scale"):
+        if differs(field):
+            what = "false_negative_margin" if field in ("has_margin", "margin") else field
+            raise ValueError(f"{what}: differs across ranks ({per_rank(field)}); every rank "
+                             "must compute the same loss")
+    for field, what in (("query_needs_grad", "query"), ("docs_needs_grad", "docs"),
+                        ("scale_needs_grad", "logit_scale")):
+        if differs(field):
+            raise ValueError(f"{what}: requires grad on some ranks and not on others "
+                             f"({per_rank(field, bool)}); the backward is collective, so "
+                             "every rank must take part in it")
+
+
+# --- the ring of one matrix -------------------------------------------------------
+
+def _ring_forward(a, b, scale, normalize, ring: Ring, rows, rules_at, fwd, columns: bool):
+    """(row_lse, col_lse) of the home rows ``a`` against every rank's ``b`` (rank q's
+    has ``rows[q]`` rows), the rules of the block of rank v being ``rules_at(v)``;
+    col_lse (of this rank's own ``b``, collected round the ring) only when ``columns``."""
+    d = a.shape[1]
+    block = b.contiguous()  # the visiting block (this rank's own at step 0)
+    blocks = Slots(2, max(rows) * d, b)
+    row_lse = col_done = None
+    for step in range(ring.size):
+        v = ring.visiting(step)
+        sends, receives, incoming, col_in = [], [], None, None
+        if step < ring.size - 1:  # send this block on, receive the next
+            incoming = blocks.take(step, rows[ring.visiting(step + 1)], d)
+            sends.append((block, 1))
+            receives.append((incoming, -1))
+        if columns and step > 0:  # the block's column statistics follow it, one step behind
+            col_in = a.new_empty(rows[v], dtype=_checks.compute_dtype(a.dtype))
+            sends.append((col_done, 1))
+            receives.append((col_in, -1))
+        pending = ring.start(sends, receives)
+        row_k, col_k = fwd(a, block, scale, normalize, *rules_at(v))
+        pending.wait()
+        row_lse = row_k if row_lse is None else torch.logaddexp(row_lse, row_k)
+        if columns:
+            col_done = col_k if col_in is None else torch.logaddexp(col_k, col_in)
+        block = incoming
+    if not columns:
+        return row_lse, None
+    # col_done is complete for the block of rank + 1: one more hop takes it home.
+    (col_lse,) = ring.start([(col_done, 1)], [(col_done.new_empty(b.shape[0]), -1)]).wait()
+    return row_lse, col_lse
+
+
+def _ring_backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, ring: Ring, rows,
+                   rules_at, bwd, needs_input_grad, b_trains: bool):
+    """Gradients of (a, b, scale's share) by the ring: pb stays home, pa travels (only
+    when some rank's ``b`` trains: ``b_trains``). ``col_lse`` None: no column term."""
+    needs_a, needs_b, needs_scale = needs_input_grad
+    compute_pa = b_trains
+    compute_pb = needs_a or (needs_scale and not compute_pa)
+    columns = col_lse is not None
+    d, largest = a.shape[1], max(rows)
+    block = b.contiguous()
+    stats = torch.stack([col_lse, g_col]) if columns else None
+    blocks, block_stats = Slots(2, largest * d, b), Slots(2, 2 * largest, row_lse)
+    accumulators = Slots(1, largest * d, row_lse)  # emptied (added to pa_k) within its step
+    # No column term: col_lse = +inf and g_col = 0 give exp(S - inf) * 0 = 0 on every kernel.
+    no_column = torch.stack([row_lse.new_full((largest,), float("inf")),
+                             row_lse.new_zeros(largest)])
+    pb = acc = None
+    for step in range(ring.size):
+        v = ring.visiting(step)
+        sends, receives, incoming, incoming_stats, acc_in = [], [], None, None, None
+        if step < ring.size - 1:
+            next_rows = rows[ring.visiting(step + 1)]
+            incoming = blocks.take(step, next_rows, d)
+            sends.append((block, 1))
+            receives.append((incoming, -1))
+            if columns:
+                incoming_stats = block_stats.take(step, 2, next_rows)
+                sends.append((stats, 1))
+                receives.append((incoming_stats, -1))
+        if step > 0 and compute_pa:  # the previous block's accumulator follows it
+            acc_in = accumulators.take(step, rows[v], d)
+            sends.append((acc, 1))
+            receives.append((acc_in, -1))
+        pending = ring.start(sends, receives)
+        c_lse, c_grad = (stats[0], stats[1]) if columns else (no_column[0, :rows[v]],
+                                                              no_column[1, :rows[v]])
+        pb_k, pa_k = bwd(a, block, scale, normalize, *rules_at(v), row_lse, c_lse, g_row, c_grad,
+                         compute_pb, compute_pa)
+        pending.wait()
+        if compute_pb:
+            pb = pb_k if pb is None else pb.add_(pb_k)
+        if compute_pa:
+            acc = pa_k.contiguous() if acc_in is None else pa_k.add_(acc_in)
+        block, stats = incoming, incoming_stats
+
+    # acc is complete for the block of rank + 1: send it home, and receive ours while
+    # the home rows' gradients are formed.
+    pending = ring.start([(acc, 1)], [(acc.new_empty(b.shape[0], d), -1)]) if compute_pa else None
+    grad_a, _, grad_scale = _common.grads_from_products(
+        a, b, scale, normalize, pb, None, (needs_a, False, needs_scale and compute_pb))
+    pa = pending.wait()[0] if compute_pa else None
+    _, grad_b, scale_from_pa = _common.grads_from_products(
+        a, b, scale, normalize, None, pa, (False, needs_b, needs_scale and not compute_pb))
+    return grad_a, grad_b, grad_scale if compute_pb else scale_from_pa
+
+
+class _RingMaskedLogSumExp(torch.autograd.Function):
+    """(row_lse, col_lse) of the home rows ``a`` against the blocks ``b`` of every rank,
+    under the rules ``rules_at(v)`` of each visiting rank v; col_lse (this rank's
+    ``b`` against every rank's ``a``) only with ``columns``, else an empty tensor.
+
+    Backward: the gradients of this rank's ``a`` and ``b`` collect the contributions
+    of every rank's rows (the ring); the scale's gradient is this rank's share."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, normalize, ring, rows, rules_at, kernels, columns, b_trains):
+        fwd, bwd = kernels
+        row_lse, col_lse = _ring_forward(a, b, scale, normalize, ring, rows, rules_at, fwd,
+                                         columns)
+        ctx.save_for_backward(a, b, scale, row_lse, *(() if col_lse is None else (col_lse,)))
+        ctx.normalize, ctx.ring, ctx.rows, ctx.rules_at = normalize, ring, rows, rules_at
+        ctx.bwd, ctx.b_trains = bwd, b_trains
+        return row_lse, (row_lse.new_empty(0) if col_lse is None else col_lse)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_row, g_col):
+        a, b, scale, row_lse, *col = ctx.saved_tensors
+        col_lse = col[0] if col else None
+        g_row = torch.zeros_like(row_lse) if g_row is None else g_row.contiguous()
+        if col_lse is not None:
+            g_col = torch.zeros_like(col_lse) if g_col is None else g_col.contiguous()
+        grads = _ring_backward(a, b, scale, ctx.normalize, row_lse, col_lse, g_row, g_col,
+                               ctx.ring, ctx.rows, ctx.rules_at, ctx.bwd,
+                               ctx.needs_input_grad[:3], ctx.b_trains)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+# --- the rules of each matrix, in global ids --------------------------------------
+
+class _GlobalBatch:
+    """Where each rank's rows sit in the global batch, and the rules of the three
+    matrices for the block of a visiting rank ``v`` (the masked primitive's
+    argument tuple: exclude_diagonal, positives, row_groups, col_groups,
+    row_threshold, col_threshold)."""
+
+    def __init__(self, ring: Ring, blocks: int, thresholds, device):
+        self.ring, self.blocks, self.device = ring, blocks, device
+        self.thresholds = thresholds  # (N,) p + m of every query, or None without a margin
+        self.home = self._ids(ring.rank)
+
+    def _ids(self, v: int) -> Tensor:
+        """Global ids of rank v's queries."""
+        start = sum(self.ring.sizes[:v])
+        return torch.arange(start, start + self.ring.sizes[v], device=self.device)
+
+    def _threshold(self, v: int):
+        if self.thresholds is None:
+            return None
+        start = sum(self.ring.sizes[:v])
+        return self.thresholds[start:start + self.ring.sizes[v]]
+
+    def _no_positive(self) -> Tensor:
+        return torch.full_like(self.home, -1)
+
+    def query_docs(self, with_columns: bool):
+        def rules(v):
+            n_v = self.ring.sizes[v]
+            positives = (torch.arange(len(self.home), device=self.device) if v == self.ring.rank
+                         else self._no_positive())
+            col_threshold = None
+            if with_columns and self.thresholds is not None:
+                visiting = self._threshold(v)
+                col_threshold = torch.cat([visiting,
+                                           visiting.new_full((n_v * (self.blocks - 1),),
+                                                             float("inf"))])
+            return (False, positives, None, None, self._threshold(self.ring.rank), col_threshold)
+        return rules
+
+    def query_query(self):
+        def rules(v):
+            return (False, self._no_positive(), self.home, self._ids(v),
+                    self._threshold(self.ring.rank), None)
+        return rules
+
+    def doc_doc(self):
+        def rules(v):
+            owners = self._ids(v).repeat(self.blocks)  # the query of each visiting document
+            return (False, self._no_positive(), self.home, owners, self._threshold(self.ring.rank),
+                    None)
+        return rules
+
+
+# --- the loss ----------------------------------------------------------------------
+
+def _global_per_row(query, docs, scale, ring: Ring, directions, partition_mode, margin,
+                    normalize, name, trains):
+    """The per-row losses ``log Z_i - p_i`` of this rank's queries against the global batch."""
+    n = query.shape[0]
+    blocks = docs.shape[0] // n
+    d_pos = docs[:n]
+    positive = scale * _Side(query, normalize).dot(_Side(d_pos, normalize))  # p_i
+    thresholds = None
+    if margin is not None:  # every rank's p + m: the visiting blocks' thresholds (O(N))
+        own = (positive.detach() + margin).to(_checks.compute_dtype(query.dtype))
+        thresholds = gather_rows(own.unsqueeze(1), ring).squeeze(1).contiguous()
+    batch = _GlobalBatch(ring, blocks, thresholds, query.device)
+    kernels = _masked.KERNELS.kernels(name, query.device)
+    query_rows = ring.sizes
+    doc_rows = tuple(rows * blocks for rows in ring.sizes)
+
+    with_columns = "doc_to_query" in directions
+    row_lse, col_lse = _RingMaskedLogSumExp.apply(
+        query, docs, scale, normalize, ring, doc_rows, batch.query_docs(with_columns), kernels,
+        with_columns, trains["docs"])
+    stats = {"query_to_doc": row_lse}
+    if with_columns:
+        stats["doc_to_query"] = col_lse[:n]
+    if "query_to_query" in directions:
+        stats["query_to_query"], _ = _RingMaskedLogSumExp.apply(
+            query, query, scale, normalize, ring, query_rows, batch.query_query(), kernels,
+            False, trains["query"])
+    if "doc_to_doc" in directions:
+        stats["doc_to_doc"], _ = _RingMaskedLogSumExp.apply(
+            d_pos, docs, scale, normalize, ring, doc_rows, batch.doc_doc(), kernels, False,
+            trains["docs"])
+    chosen = [stats[d] for d in DIRECTIONS if d in directions]
+    if partition_mode == "joint":
+        log_z = chosen[0]
+        for lse in chosen[1:]:  # disjoint candidate sets: the union's lse
+            log_z = torch.logaddexp(log_z, lse)
+    else:
+        log_z = sum(chosen) / len(chosen)
+    return log_z - positive
+
+
+@_checks.outside_autocast
+def multiple_negatives_loss(query: Tensor, docs, *, logit_scale=20.0,
+                            directions=("query_to_doc",), partition_mode: str = "joint",
+                            false_negative_margin=None, normalize: bool = True,
+                            reduction: str = "mean", backend: str = "auto",
+                            group=None) -> Tensor:
+    """sentence-transformers' MultipleNegativesRankingLoss of the global batch spread over a
+    process group, by a ring: memory O(local_N * (1+k) * D) per rank.
+
+    Each rank passes its own queries and documents (local batches may differ in
+    size; k must not); every rank returns the loss of the global batch, equal to
+    :func:`mmkernels.multiple_negatives_loss` on the queries concatenated in rank
+    order and each document block concatenated in rank order (the batch that
+    sentence-transformers' ``gather_across_devices=True`` builds). Gradients are
+    those of :func:`mmkernels.distributed.contrastive_loss`: each rank's feature
+    gradients are ``world_size * dL/d(local features)`` and logit_scale gets
+    ``dL/dscale``, so DDP's averaging yields the single-process gradient.
+    Collective: every rank must call it, and backpropagate through it, with the
+    same settings.
+
+    Args:
+        query: this rank's (local_N, D) queries.
+        docs: this rank's (local_N * (1+k), D) documents, the local_N positives
+            first, then k blocks of local_N hard negatives; or a list of k+1
+            (local_N, D) tensors. Same dtype and device as ``query``.
+        logit_scale, directions, partition_mode, false_negative_margin, normalize:
+            as in :func:`mmkernels.multiple_negatives_loss`; the same on every rank.
+        reduction: "mean" or "sum" over the global batch ("none" is refused:
+            every rank returns the global loss).
+        backend: "auto" or a backend with the masked primitive (naive, torch, cpu,
+            cuda, triton); the ring runs it on each (local x visiting) block.
+        group: the process group (default: the default group).
+
+    Returns:
+        The global loss, fp32 (fp64 for fp64 inputs), on every rank.
+
+    Raises:
+        ValueError/TypeError on every rank when any rank's inputs are invalid, or
+        when D, dtype, k, logit_scale, a setting or "requires grad" differs
+        across ranks; RuntimeError when torch.distributed is not initialized.
+    """
+    ring, docs, directions, margin, scale, name, trains = _agree(
+        group, query, docs, logit_scale, directions=directions, partition_mode=partition_mode,
+        margin=false_negative_margin, normalize=normalize, reduction=reduction, backend=backend)
+    if ring.size == 1:
+        return _single_process_loss(query, docs, logit_scale=scale, directions=directions,
+                                    partition_mode=partition_mode, false_negative_margin=margin,
+                                    normalize=normalize, reduction=reduction, backend=name)
+    multiplier = float(ring.size)
+    if scale.requires_grad:
+        scale = SharedScalar.apply(scale, ring, multiplier)
+    per_row = _global_per_row(query, docs, scale, ring, directions, partition_mode, margin,
+                              normalize, name, trains)
+    share = per_row.sum() / (ring.total if reduction == "mean" else 1)
+    return LossOverRanks.apply(share, ring, multiplier)
