@@ -3,5 +3,6 @@
 Each submodule imports its library (an optional dependency) when it is
 imported itself; ``import mmkernels`` imports none of them.
 
-- :mod:`mmkernels.integrations.sentence_transformers`: ``MultipleNegativesRankingLoss``
+- :mod:`mmkernels.integrations.sentence_transformers`: ``MultipleNegativesRankingLoss``,
+  ``CachedMultipleNegativesRankingLoss``
 """
