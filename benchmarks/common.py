@@ -36,6 +36,9 @@ GEMMS = {
     "siglip": {"fwd": 1, "bwd": 3},
     # The mask adds compares, no product.
     "masked_logsumexp": {"fwd": 1, "bwd": 3},
+    # multiple_negatives_loss: the primitive's four products per matrix, its cases' m
+    # summing the candidate columns of every matrix (benchmarks/bench_embedding.py).
+    "embedding": {"fwd": 1, "bwd": 3},
 }
 
 

@@ -22,7 +22,8 @@ its log in OUT, and a timeout after which it is stopped and the next one runs:
             every suite at its GPU sizes (contrastive: N 8192/32768/65536,
             D 512/768/1024, bf16 and fp32, every implementation; max batch
             at D = 768 within ``--memory-budget`` GiB; the primitive; the
-            similarity), the CSV/JSONL rows and PNG plots into OUT    -> OUT/bench.log
+            similarity; multiple_negatives_loss against sentence-transformers
+            when installed), the CSV/JSONL rows and PNG plots into OUT -> OUT/bench.log
 6. summary  OUT/summary.md: stage results, backends, the result tables
 
 Whatever happens, OUT ends up with what was done (a stage that fails or
@@ -198,6 +199,13 @@ def write_summary(out: Path, stages: list[dict], backends: str, started: float) 
                 ("impl", "impl"), ("N", "n"), ("D", "d"), ("dtype", "dtype"), ("status", "status"),
                 ("total ms", "total_median_ms"), ("TFLOP/s", "tflops"), ("peak MiB", "peak_mib"),
                 ("error", "error")])]
+    embedding = [r for r in _read_csv(out / "embedding.csv") if r.get("impl") != "matmul peak"]
+    if embedding:  # the note says k and the directions (benchmarks/bench_embedding.py)
+        parts += ["\n## multiple_negatives_loss vs sentence-transformers\n", _table(embedding, [
+            ("impl", "impl"), ("N", "n"), ("D", "d"), ("dtype", "dtype"), ("case", "note"),
+            ("status", "status"), ("total ms", "total_median_ms"), ("TFLOP/s", "tflops"),
+            ("x floor", "x_floor"), ("vs theirs", "speedup_vs_sentence-transformers"),
+            ("peak MiB", "peak_mib"), ("extra MiB", "extra_mib"), ("error", "error")])]
     for stage in stages:
         if stage["status"] not in ("ok", "skipped"):
             log = out / f"{stage['stage']}.log"

@@ -3,7 +3,8 @@
 Each submodule imports its library (an optional dependency) when it is
 imported itself; ``import mmkernels`` imports none of them.
 
-- :mod:`mmkernels.integrations.sentence_transformers`: ``MultipleNegativesRankingLoss``
+- :mod:`mmkernels.integrations.sentence_transformers`: ``MultipleNegativesRankingLoss``,
+  ``CachedMultipleNegativesRankingLoss``
 - :mod:`mmkernels.integrations.transformers`: ``clip_loss``, ``siglip_loss``
   (CLIPModel, SiglipModel; it needs no import of transformers: it calls the model's methods)
 """
