@@ -18,7 +18,7 @@ import mmkernels
 import reference
 from loss_cases import LOGSUMEXP, largest_logit
 from tolerances import fp32_logit_rtol
-from triton_fixtures import (HAS_TRITON, assert_fwd_bwd_memory_bounded, autotuning_trials,  # noqa: F401
+from triton_fixtures import (HAS_TRITON, assert_fwd_bwd_memory_bounded, autotuning_trials,  # noqa: F401  (fixture)
                              compiler, cuda_inputs, interpreter, requires_triton)
 
 pytestmark = requires_triton

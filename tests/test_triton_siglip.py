@@ -19,7 +19,7 @@ import torch
 import mmkernels
 from loss_cases import largest_logit, spread_rows
 from tolerances import fp32_logit_rtol
-from triton_fixtures import (HAS_TRITON, assert_fwd_bwd_memory_bounded, autotuning_trials,  # noqa: F401
+from triton_fixtures import (HAS_TRITON, assert_fwd_bwd_memory_bounded, autotuning_trials,  # noqa: F401  (fixture)
                              compiler, cuda_inputs, interpreter, requires_triton)
 
 pytestmark = requires_triton
