@@ -4,80 +4,60 @@ import pytest
 import torch
 
 import mmkernels
-import reference
-from compare_to_reference import compare, gradcheck_fp64
+from compare_to_reference import gradcheck_fp64
+from loss_cases import (CONTRASTIVE, HALF, INFO_NCE, SHAPES, largest_logit, noncontiguous_pair, spread_rows,
+                        square_pair)
 from tolerances import fp32_logit_rtol
-
-# (N, D): N = 1, D = 1, and sizes that straddle the 8 x 16 test tiles.
-SHAPES = [(1, 1), (1, 7), (2, 1), (7, 3), (8, 16), (9, 17), (17, 33), (40, 70)]
-HALF = [torch.float16, torch.bfloat16]
-
-
-def _clip(backend, **kw):
-    return lambda a, b, s: mmkernels.contrastive_loss(a, b, s, backend=backend, **kw)
-
-
-def _clip_ref(**kw):
-    return lambda a, b, s: reference.contrastive(a, b, s, **kw)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_contrastive_shapes(backend, small_tiles, shape, normalize):
-    n, d = shape
-    a, b = torch.randn(n, d), torch.randn(n, d)
-    compare(_clip(backend, normalize=normalize), _clip_ref(normalize=normalize), [a, b],
-            torch.float32, scale=torch.tensor(2.5), what=f"{backend} {shape}")
+    CONTRASTIVE.compare(backend, square_pair(shape), torch.float32, scale=torch.tensor(2.5),
+                        what=f"{backend} {shape}", normalize=normalize)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_contrastive_reductions_and_smoothing(backend, small_tiles, reduction, label_smoothing):
     a, b = torch.randn(19, 12), torch.randn(19, 12)
-    kw = dict(normalize=True, label_smoothing=label_smoothing, reduction=reduction)
-    compare(_clip(backend, **kw), _clip_ref(**kw), [a, b], torch.float32,
-            scale=torch.tensor(7.0), what=f"{backend} {reduction} ls={label_smoothing}")
+    CONTRASTIVE.compare(backend, [a, b], torch.float32, scale=torch.tensor(7.0),
+                        what=f"{backend} {reduction} ls={label_smoothing}",
+                        normalize=True, label_smoothing=label_smoothing, reduction=reduction)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, *HALF])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_contrastive_dtypes(backend, small_tiles, dtype, normalize):
     a, b = torch.randn(21, 24), torch.randn(21, 24)
-    compare(_clip(backend, normalize=normalize), _clip_ref(normalize=normalize), [a, b], dtype,
-            scale=torch.tensor(10.0), what=f"{backend} {dtype}")
+    CONTRASTIVE.compare(backend, [a, b], dtype, scale=torch.tensor(10.0), what=f"{backend} {dtype}",
+                        normalize=normalize)
 
 
 def test_contrastive_large_scale_unnormalized(backend, small_tiles):
     """Logits in the hundreds with widely different row and column maxima:
     only an online running maximum gets this right."""
-    a = torch.randn(24, 16) * torch.linspace(0.1, 4, 24).unsqueeze(1)
-    b = torch.randn(24, 16) * 3
-    largest = (100 * a @ b.T).abs().max().item()
+    a, b = spread_rows(24, 24, 16, row_scales=(0.1, 4), b_scale=3)
+    largest = largest_logit(a, b)
     assert largest > 1000  # far past any fixed shift that assumes |cos| <= 1
-    compare(_clip(backend), _clip_ref(), [a, b], torch.float32, scale=torch.tensor(100.0),
-            what=f"{backend} scale 100", rtol=fp32_logit_rtol(largest))
+    CONTRASTIVE.compare(backend, [a, b], torch.float32, scale=torch.tensor(100.0),
+                        what=f"{backend} scale 100", rtol=fp32_logit_rtol(largest))
 
 
 def test_contrastive_noncontiguous(backend, small_tiles):
-    base_a, base_b = torch.randn(30, 40), torch.randn(40, 30)
-    a = base_a[::2, 3:25]          # strided rows, offset columns
-    b = base_b.T[1:31:2, :22]      # transposed storage
-    assert not a.is_contiguous() and not b.is_contiguous()
-    compare(_clip(backend, normalize=True), _clip_ref(normalize=True), [a, b], torch.float32,
-            scale=torch.tensor(3.0), what=f"{backend} non-contiguous")
+    CONTRASTIVE.compare(backend, noncontiguous_pair(), torch.float32, scale=torch.tensor(3.0),
+                        what=f"{backend} non-contiguous", normalize=True)
 
 
 def test_contrastive_number_scale(backend):
     a, b = torch.randn(11, 5), torch.randn(11, 5)
-    compare(_clip(backend), _clip_ref(), [a, b], torch.float32, scale=4.0,
-            what=f"{backend} python-number scale")
+    CONTRASTIVE.compare(backend, [a, b], torch.float32, scale=4.0, what=f"{backend} python-number scale")
 
 
 def test_contrastive_zero_scale_gradient(backend):
     """scale = 0: S is all zero, the loss is log N, and the scale still gets its gradient."""
     a, b = torch.randn(6, 4), torch.randn(6, 4)
-    compare(_clip(backend), _clip_ref(), [a, b], torch.float32, scale=torch.tensor(0.0),
-            what=f"{backend} zero scale")
+    CONTRASTIVE.compare(backend, [a, b], torch.float32, scale=torch.tensor(0.0), what=f"{backend} zero scale")
 
 
 def test_contrastive_gradcheck(backend, small_tiles):
@@ -96,20 +76,11 @@ def test_contrastive_nonfinite_input_gives_nonfinite_output(backend, value):
 
 # --- info_nce ---------------------------------------------------------------------
 
-def _nce(backend, labels=None, **kw):
-    return lambda q, k, s: mmkernels.info_nce(q, k, labels, s, backend=backend, **kw)
-
-
-def _nce_ref(labels=None, **kw):
-    return lambda q, k, s: reference.info_nce(q, k, labels, s, **kw)
-
-
 @pytest.mark.parametrize("n,m,d", [(1, 1, 3), (5, 9, 4), (17, 33, 10), (9, 40, 17)])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_info_nce_rectangular_default_labels(backend, small_tiles, n, m, d, normalize):
-    q, k = torch.randn(n, d), torch.randn(m, d)
-    compare(_nce(backend, normalize=normalize), _nce_ref(normalize=normalize), [q, k],
-            torch.float32, scale=torch.tensor(5.0), what=f"{backend} info_nce {n}x{m}")
+    INFO_NCE.compare(backend, [torch.randn(n, d), torch.randn(m, d)], torch.float32,
+                     scale=torch.tensor(5.0), what=f"{backend} info_nce {n}x{m}", normalize=normalize)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -117,16 +88,16 @@ def test_info_nce_rectangular_default_labels(backend, small_tiles, n, m, d, norm
 def test_info_nce_labels(backend, small_tiles, reduction, label_smoothing):
     q, k = torch.randn(23, 8), torch.randn(11, 8)   # more queries than keys: labels repeat
     labels = torch.randint(0, 11, (23,))
-    kw = dict(reduction=reduction, label_smoothing=label_smoothing)
-    compare(_nce(backend, labels, **kw), _nce_ref(labels, **kw), [q, k], torch.float32,
-            scale=torch.tensor(3.0), what=f"{backend} info_nce labels")
+    INFO_NCE.compare(backend, [q, k], torch.float32, scale=torch.tensor(3.0),
+                     what=f"{backend} info_nce labels", labels=labels, reduction=reduction,
+                     label_smoothing=label_smoothing)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, *HALF])
 def test_info_nce_dtypes(backend, small_tiles, dtype):
     q, k = torch.randn(13, 20), torch.randn(29, 20)
-    compare(_nce(backend, normalize=True), _nce_ref(normalize=True), [q, k], dtype,
-            scale=torch.tensor(20.0), what=f"{backend} info_nce {dtype}")
+    INFO_NCE.compare(backend, [q, k], dtype, scale=torch.tensor(20.0), what=f"{backend} info_nce {dtype}",
+                     normalize=True)
 
 
 # --- a locked tower: one side's features are constants ------------------------------

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import mmkernels
 import reference
 from compare_to_reference import compare
+from loss_cases import largest_logit, spread_rows
 from mmkernels import _extension
 from tolerances import fp32_logit_rtol
 
@@ -135,11 +136,9 @@ def test_every_isa_large_scale_unnormalized(isa, cpu_tiles):
     """Logits in the hundreds (running maxima rescaled many times), and rows whose
     mass sits in one tile far from the rest: exact to fp32 logit precision."""
     cpu_tiles(4, 16)
-    a = torch.randn(23, 12) * torch.linspace(0.05, 5, 23).unsqueeze(1)
-    b = torch.randn(50, 12) * 2
-    largest = (100 * a @ b.T).abs().max().item()
+    a, b = spread_rows(23, 50, 12, row_scales=(0.05, 5), b_scale=2)
     compare(*_lse(False), [a, b], torch.float32, scale=torch.tensor(100.0),
-            what=f"{isa} scale 100", rtol=fp32_logit_rtol(largest))
+            what=f"{isa} scale 100", rtol=fp32_logit_rtol(largest_logit(a, b)))
 
 
 @needs_cpu_ext
@@ -319,11 +318,9 @@ def test_cuda_lse_dtypes(cuda_bands, dtype, normalize):
 @pytest.mark.cuda
 @needs_cuda_ext
 def test_cuda_lse_large_scale_unnormalized():
-    a = torch.randn(80, 12, device="cuda") * torch.linspace(0.05, 5, 80, device="cuda").unsqueeze(1)
-    b = torch.randn(130, 12, device="cuda") * 2
-    largest = (100 * a @ b.T).abs().max().item()
+    a, b = spread_rows(80, 130, 12, row_scales=(0.05, 5), b_scale=2, device="cuda")
     compare(*_cuda_lse(False), [a, b], torch.float32, scale=torch.tensor(100.0, device="cuda"),
-            what="cuda scale 100", rtol=fp32_logit_rtol(largest))
+            what="cuda scale 100", rtol=fp32_logit_rtol(largest_logit(a, b)))
 
 
 @pytest.mark.cuda

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import mmkernels
+from loss_cases import largest_logit, spread_rows
 from mmkernels import _extension
 from mmkernels.ops import siglip
 from test_cpp import cpu_tiles, cuda_bands  # noqa: F401  (fixtures)
@@ -89,12 +90,10 @@ def test_every_isa_large_scale_unnormalized(isa, cpu_tiles):  # noqa: F811
     """Logits in the thousands both ways (no overflow, no cancellation) and
     learnt positives whose gradient is tiny but must not vanish."""
     cpu_tiles(5, 16)
-    a = torch.randn(23, 12) * torch.linspace(0.05, 4, 23).unsqueeze(1)
-    b = torch.randn(37, 12) * 3
+    a, b = spread_rows(23, 37, 12, row_scales=(0.05, 4), b_scale=3)
     a[:12] = b[:12] * 0.5  # positives pushed far above the negatives
-    largest = (100 * a @ b.T).abs().max().item()
     _check_contract(a, b, torch.tensor(100.0), torch.tensor(-10.0), False, True, torch.rand(23),
-                    rtol=2e-5 + 4 * largest * 2.0 ** -24, what=f"{isa} scale 100")
+                    rtol=2e-5 + 4 * largest_logit(a, b) * 2.0 ** -24, what=f"{isa} scale 100")
 
 
 def _ulp_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -254,12 +253,11 @@ def test_cuda_contract(cuda_bands, n, m, d, positives, normalize):  # noqa: F811
 @pytest.mark.cuda
 @needs_cuda_ext
 def test_cuda_large_scale_unnormalized():
-    a = torch.randn(80, 12, device="cuda") * torch.linspace(0.05, 4, 80, device="cuda").unsqueeze(1)
-    b = torch.randn(130, 12, device="cuda") * 3
+    a, b = spread_rows(80, 130, 12, row_scales=(0.05, 4), b_scale=3, device="cuda")
     a[:40] = b[:40] * 0.5
-    largest = (100 * a @ b.T).abs().max().item()
     _check_contract(a, b, torch.tensor(100.0, device="cuda"), torch.tensor(-10.0, device="cuda"), False, True,
-                    torch.rand(80, device="cuda"), rtol=2e-5 + 4 * largest * 2.0 ** -24, what="cuda scale 100")
+                    torch.rand(80, device="cuda"), rtol=2e-5 + 4 * largest_logit(a, b) * 2.0 ** -24,
+                    what="cuda scale 100")
 
 
 @pytest.mark.cuda

@@ -14,62 +14,41 @@ import torch
 import mmkernels
 import siglip_reference as reference
 from compare_to_reference import compare, gradcheck_fp64
+from loss_cases import (HALF, SHAPES, SIGLIP, largest_logit, noncontiguous_pair, siglip_scalars, spread_rows,
+                        square_pair)
 from mmkernels.ops import siglip
 from tolerances import fp32_logit_rtol
-
-# (N, D): N = 1, D = 1, and sizes that straddle the 8 x 16 test tiles.
-SHAPES = [(1, 1), (1, 7), (2, 1), (7, 3), (8, 16), (9, 17), (17, 33), (40, 70)]
-HALF = [torch.float16, torch.bfloat16]
-
-
-# compare_to_reference.compare checks one scalar leaf besides the features: a (2,) tensor holds
-# (logit_scale, logit_bias), so both gradients are compared, in fp32 as in training.
-def _ours(backend, **kw):
-    return lambda a, b, sb: mmkernels.siglip_loss(a, b, sb[0], sb[1], backend=backend, **kw)
-
-
-def _ref(**kw):
-    return lambda a, b, sb: reference.siglip(a, b, sb[0], sb[1], **kw)
-
-
-def _scalars(scale, bias):
-    return torch.tensor([scale, bias])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_siglip_shapes(backend, small_tiles, shape, normalize):
-    n, d = shape
-    a, b = torch.randn(n, d), torch.randn(n, d)
-    compare(_ours(backend, normalize=normalize), _ref(normalize=normalize), [a, b],
-            torch.float32, scale=_scalars(2.5, -1.5), what=f"{backend} {shape}")
+    SIGLIP.compare(backend, square_pair(shape), torch.float32, scale=siglip_scalars(2.5, -1.5),
+                   what=f"{backend} {shape}", normalize=normalize)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_siglip_reductions(backend, small_tiles, reduction):
     a, b = torch.randn(19, 12), torch.randn(19, 12)
-    kw = dict(normalize=True, reduction=reduction)
-    compare(_ours(backend, **kw), _ref(**kw), [a, b], torch.float32,
-            scale=_scalars(10.0, -10.0), what=f"{backend} {reduction}")
+    SIGLIP.compare(backend, [a, b], torch.float32, scale=siglip_scalars(10.0, -10.0),
+                   what=f"{backend} {reduction}", normalize=True, reduction=reduction)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, *HALF])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_siglip_dtypes(backend, small_tiles, dtype, normalize):
     a, b = torch.randn(21, 24), torch.randn(21, 24)
-    compare(_ours(backend, normalize=normalize), _ref(normalize=normalize), [a, b], dtype,
-            scale=_scalars(10.0, -5.0), what=f"{backend} {dtype}")
+    SIGLIP.compare(backend, [a, b], dtype, scale=siglip_scalars(10.0, -5.0), what=f"{backend} {dtype}",
+                   normalize=normalize)
 
 
 def test_siglip_large_scale_unnormalized_negative_bias(backend, small_tiles):
     """Logits in the thousands both ways: softplus must neither overflow nor cancel."""
-    a = torch.randn(24, 16) * torch.linspace(0.1, 4, 24).unsqueeze(1)
-    b = torch.randn(24, 16) * 3
-    largest = (100 * a @ b.T).abs().max().item()
+    a, b = spread_rows(24, 24, 16, row_scales=(0.1, 4), b_scale=3)
+    largest = largest_logit(a, b)
     assert largest > 1000
-    compare(_ours(backend, reduction="none"), _ref(reduction="none"), [a, b], torch.float32,
-            scale=_scalars(100.0, -10.0), what=f"{backend} scale 100 bias -10",
-            rtol=fp32_logit_rtol(largest))
+    SIGLIP.compare(backend, [a, b], torch.float32, scale=siglip_scalars(100.0, -10.0),
+                   what=f"{backend} scale 100 bias -10", rtol=fp32_logit_rtol(largest), reduction="none")
 
 
 def test_siglip_learnt_pairs_keep_relative_precision(backend, small_tiles):
@@ -97,12 +76,8 @@ def test_siglip_learnt_pairs_keep_relative_precision(backend, small_tiles):
 
 
 def test_siglip_noncontiguous(backend, small_tiles):
-    base_a, base_b = torch.randn(30, 40), torch.randn(40, 30)
-    a = base_a[::2, 3:25]
-    b = base_b.T[1:31:2, :22]
-    assert not a.is_contiguous() and not b.is_contiguous()
-    compare(_ours(backend, normalize=True), _ref(normalize=True), [a, b], torch.float32,
-            scale=_scalars(3.0, 0.5), what=f"{backend} non-contiguous")
+    SIGLIP.compare(backend, noncontiguous_pair(), torch.float32, scale=siglip_scalars(3.0, 0.5),
+                   what=f"{backend} non-contiguous", normalize=True)
 
 
 def test_siglip_number_scalars(backend):
@@ -120,8 +95,8 @@ def test_siglip_defaults_are_scale_one_bias_zero(backend):
 
 def test_siglip_zero_scale_gradient(backend):
     a, b = torch.randn(6, 4), torch.randn(6, 4)
-    compare(_ours(backend), _ref(), [a, b], torch.float32, scale=_scalars(0.0, 1.0),
-            what=f"{backend} zero scale")
+    SIGLIP.compare(backend, [a, b], torch.float32, scale=siglip_scalars(0.0, 1.0),
+                   what=f"{backend} zero scale")
 
 
 def test_siglip_gradcheck(backend, small_tiles):

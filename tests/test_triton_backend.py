@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import mmkernels
-import reference
-from compare_to_reference import compare
+from loss_cases import CONTRASTIVE
 from triton_fixtures import HAS_TRITON, compiler, interpreter, requires_triton
 
 pytestmark = requires_triton
@@ -24,14 +23,6 @@ if HAS_TRITON:
 
     import mmkernels.triton  # noqa: F401  (registers the kernels)
     from mmkernels.triton import _launch, logsumexp as lse_kernels
-
-
-def _clip(**kw):
-    return lambda a, b, s: mmkernels.contrastive_loss(a, b, s, backend="triton", **kw)
-
-
-def _clip_ref(**kw):
-    return lambda a, b, s: reference.contrastive(a, b, s, **kw)
 
 
 # --- interpreter lane ------------------------------------------------------------
@@ -62,8 +53,8 @@ def test_fp32_matmul_precision_setting_is_honoured():
         torch.set_float32_matmul_precision("high")
         assert _launch.input_precision(torch.float32) == "tf32"
         a, b = torch.randn(17, 12), torch.randn(17, 12)
-        compare(_clip(normalize=True), _clip_ref(normalize=True), [a, b], torch.float32,
-                scale=torch.tensor(5.0), what="tf32 setting")  # the interpreter multiplies exactly
+        CONTRASTIVE.compare("triton", [a, b], torch.float32, scale=torch.tensor(5.0),
+                            what="tf32 setting", normalize=True)  # the interpreter multiplies exactly
     finally:
         torch.set_float32_matmul_precision(previous)
 

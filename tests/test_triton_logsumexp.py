@@ -16,10 +16,10 @@ import torch
 
 import mmkernels
 import reference
-from compare_to_reference import compare
+from loss_cases import LOGSUMEXP, largest_logit
 from tolerances import fp32_logit_rtol
-from triton_fixtures import (HAS_TRITON, autotuning_trials, compiler, cuda_inputs,  # noqa: F401  (fixture)
-                             interpreter, requires_triton)
+from triton_fixtures import (HAS_TRITON, assert_fwd_bwd_memory_bounded, autotuning_trials,  # noqa: F401  (fixture)
+                             compiler, cuda_inputs, interpreter, requires_triton)
 
 pytestmark = requires_triton
 
@@ -28,14 +28,6 @@ if HAS_TRITON:
 
     import mmkernels.triton  # noqa: F401  (registers the kernels)
     from mmkernels.triton import _launch, logsumexp as lse_kernels
-
-
-def _lse(**kw):
-    return lambda a, b, s: mmkernels.similarity_logsumexp(a, b, s, backend="triton", **kw)
-
-
-def _lse_ref(**kw):
-    return lambda a, b, s: reference.logsumexp(a, b, s, **kw)
 
 
 # --- interpreter lane: the kernels' internal paths -------------------------------
@@ -50,8 +42,8 @@ def test_forward_row_groups_and_column_splits(monkeypatch, sms):
     assert split[0] * split[1] <= max(_launch.PROGRAMS_PER_SM * sms, 1)
     a, b = torch.randn(n, 19), torch.randn(m, 19)
     for normalize in (False, True):
-        compare(_lse(normalize=normalize), _lse_ref(normalize=normalize), [a, b], torch.float32,
-                scale=torch.tensor(6.0), what=f"split {split} normalize={normalize}")
+        LOGSUMEXP.compare("triton", [a, b], torch.float32, scale=torch.tensor(6.0),
+                          what=f"split {split} normalize={normalize}", normalize=normalize)
 
 
 @interpreter
@@ -60,8 +52,8 @@ def test_backward_p_blocks(monkeypatch, block):
     """pb, pa accumulated over P blocks of any size (not multiples of the tiles, or one block)."""
     monkeypatch.setattr(_launch, "INTERPRETER_P_BLOCK", block)
     a, b = torch.randn(37, 21), torch.randn(45, 21)
-    compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], torch.float32,
-            scale=torch.tensor(9.0), what=f"P block {block}")
+    LOGSUMEXP.compare("triton", [a, b], torch.float32, scale=torch.tensor(9.0), what=f"P block {block}",
+                      normalize=True)
 
 
 def _spread_features():
@@ -82,12 +74,12 @@ def test_exp_forms_agree_with_reference(monkeypatch, fast_range):
     if fast_range == "never":
         monkeypatch.setattr(lse_kernels, "FAST_RANGE", -1.0)
     a, b = torch.randn(29, 16), torch.randn(35, 16)
-    compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], torch.float32,
-            scale=torch.tensor(30.0), what=f"benign, fast range {fast_range}")
+    LOGSUMEXP.compare("triton", [a, b], torch.float32, scale=torch.tensor(30.0),
+                      what=f"benign, fast range {fast_range}", normalize=True)
     a, b = _spread_features()
-    largest = (100 * a @ b.T).abs().max().item()
-    compare(_lse(), _lse_ref(), [a, b], torch.float32, scale=torch.tensor(100.0),
-            what=f"spread, fast range {fast_range}", rtol=fp32_logit_rtol(largest))
+    largest = largest_logit(a, b)
+    LOGSUMEXP.compare("triton", [a, b], torch.float32, scale=torch.tensor(100.0),
+                      what=f"spread, fast range {fast_range}", rtol=fp32_logit_rtol(largest))
 
 
 @interpreter
@@ -166,8 +158,8 @@ def test_autotuning_trials_leave_no_trace(autotuning_trials):  # noqa: F811
     and the backward's accumulated products must come out as if only the winner
     had run."""
     a, b = torch.randn(53, 20), torch.randn(71, 20)
-    compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], torch.float32,
-            scale=torch.tensor(5.0), what="after autotuning")
+    LOGSUMEXP.compare("triton", [a, b], torch.float32, scale=torch.tensor(5.0), what="after autotuning",
+                      normalize=True)
     assert len(autotuning_trials) >= 6  # both candidates of the forward, P and products kernels
 
 
@@ -176,8 +168,8 @@ def test_autotuning_trials_leave_no_trace(autotuning_trials):  # noqa: F811
 def test_large_feature_dimension(d):
     """D up to 4096, not only powers of two, at small N (the K-loops run long)."""
     a, b = torch.randn(5, d), torch.randn(7, d)
-    compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], torch.float32,
-            scale=torch.tensor(10.0), what=f"D={d}")
+    LOGSUMEXP.compare("triton", [a, b], torch.float32, scale=torch.tensor(10.0), what=f"D={d}",
+                      normalize=True)
 
 
 @interpreter
@@ -187,8 +179,8 @@ def test_half_noncontiguous_transposed_storage(dtype):
     a = torch.randn(24, 33).T.to(dtype)            # (33, 24), stride (1, 33)
     b = torch.randn(24, 40)[:, ::2].T.to(dtype)    # (20, 24), strides (2, 40)
     assert a.stride(1) != 1 and b.stride(1) != 1
-    compare(_lse(normalize=True), _lse_ref(normalize=True), [a, b], dtype,
-            scale=torch.tensor(25.0), what=f"{dtype} transposed")
+    LOGSUMEXP.compare("triton", [a, b], dtype, scale=torch.tensor(25.0), what=f"{dtype} transposed",
+                      normalize=True)
 
 
 @interpreter
@@ -458,7 +450,7 @@ def test_cuda_losses_match_fp64(dtype, n, m, d):
 def test_cuda_unnormalized_scale_100():
     a, b = cuda_inputs(2048, 2048, 256, torch.float32)
     a = a * torch.linspace(0.1, 3, 2048, device="cuda").unsqueeze(1)
-    largest = (100 * a @ b.T).abs().max().item()
+    largest = largest_logit(a, b)
     compare_tol = fp32_logit_rtol(largest) * 10
     for got, want in _grads_vs_fp64(lambda x, y, s: mmkernels.contrastive_loss(x, y, s, backend="triton"),
                                     lambda x, y, s: reference.contrastive(x, y, s), a, b, 100.0):
@@ -503,19 +495,5 @@ def test_cuda_first_call_autotunes_without_corrupting_outputs():
 def test_cuda_extra_memory_is_bounded():
     """Peak memory of fwd+bwd beyond inputs, grads and the contract's fp32 pb/pa:
     the P block and O(N) statistics, never S."""
-    n, d = 32768, 256
-    a, b = cuda_inputs(n, n, d, torch.bfloat16)
-    a.requires_grad_()
-    b.requires_grad_()
-    mmkernels.contrastive_loss(a[:1024], b[:1024], 10.0, backend="triton").backward()   # warm-up, autotune
-    a.grad = b.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    mmkernels.contrastive_loss(a, b, 10.0, normalize=True, backend="triton").backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    grads = 2 * n * d * 2
-    products = 2 * n * d * 4        # pb, pa in fp32 (kernel contract)
-    allowance = grads + 2 * products + 64 * 2**20 + 512 * n
-    assert extra < allowance, f"extra {extra / 2**20:.0f} MiB (S alone: {n * n * 2 / 2**20:.0f} MiB)"
+    assert_fwd_bwd_memory_bounded(
+        lambda a, b, **options: mmkernels.contrastive_loss(a, b, 10.0, backend="triton", **options))

@@ -64,6 +64,28 @@ def autotuning_trials(monkeypatch):
         _launch._autotuner.cache_clear()
 
 
+def assert_fwd_bwd_memory_bounded(loss, n=32768, d=256):
+    """Peak GPU memory of ``loss(a, b, normalize=True).backward()`` on (n, d) bf16
+    features, beyond the inputs: the gradients, the contract's fp32 pb and pa (twice:
+    room for the epilogue's copies), a P block and O(N) statistics or partials, never
+    the N x N matrix. ``loss(a, b, **options)``; a smaller first call autotunes."""
+    a, b = cuda_inputs(n, n, d, torch.bfloat16)
+    a.requires_grad_()
+    b.requires_grad_()
+    loss(a[:1024], b[:1024]).backward()   # warm-up, autotune
+    a.grad = b.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss(a, b, normalize=True).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = 2 * n * d * 2
+    products = 2 * n * d * 4        # pb, pa in fp32 (kernel contract)
+    allowance = grads + 2 * products + 64 * 2**20 + 512 * n
+    assert extra < allowance, f"extra {extra / 2**20:.0f} MiB (S alone: {n * n * 2 / 2**20:.0f} MiB)"
+
+
 def cuda_inputs(n, m, d, dtype, normalize_scale=1.0):
     """Features a (n, d) and b (m, d) on the GPU, the same for every call."""
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../register_ops.h"
 #include "../int_math.h"
 #include "kernels.h"
 #include "tile_ops.h"
@@ -477,14 +478,8 @@ TileShape set_tile_shape(TileShape shape) {
 }
 
 TORCH_LIBRARY_IMPL(mmkernels, CPU, m) {
-  m.impl("compiled_lse_fwd", &lse_fwd);
-  m.impl("compiled_lse_bwd", &lse_bwd);
-  m.impl("compiled_masked_lse_fwd", &masked_lse_fwd_op<&masked_lse_fwd>);
-  m.impl("compiled_masked_lse_bwd", &masked_lse_bwd_op<&masked_lse_bwd>);
-  m.impl("compiled_siglip_fwd", &siglip_fwd);
-  m.impl("compiled_siglip_bwd", &siglip_bwd);
-  m.impl("compiled_similarity_fwd", &similarity_fwd);
-  m.impl("compiled_similarity_bwd", &similarity_bwd);
+  register_compiled_ops<&lse_fwd, &lse_bwd, &masked_lse_fwd, &masked_lse_bwd, &siglip_fwd, &siglip_bwd,
+                        &similarity_fwd, &similarity_bwd>(m);
 }
 
 }  // namespace mmkernels::cpu

@@ -25,6 +25,7 @@
 #include <limits>
 
 #include "../common.h"
+#include "../register_ops.h"
 #include "bands.h"
 #include "launch.h"
 
@@ -288,14 +289,8 @@ std::tuple<Tensor, Tensor> similarity_bwd_op(const Tensor& a, const Tensor& b, c
 int64_t set_band_rows(int64_t rows) { return g_band_rows.exchange(rows); }
 
 TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
-  m.impl("compiled_lse_fwd", &lse_fwd);
-  m.impl("compiled_lse_bwd", &lse_bwd);
-  m.impl("compiled_masked_lse_fwd", &masked_lse_fwd_op<&masked_lse_fwd>);
-  m.impl("compiled_masked_lse_bwd", &masked_lse_bwd_op<&masked_lse_bwd>);
-  m.impl("compiled_siglip_fwd", &siglip_fwd_op);
-  m.impl("compiled_siglip_bwd", &siglip_bwd_op);
-  m.impl("compiled_similarity_fwd", &similarity_fwd_op);
-  m.impl("compiled_similarity_bwd", &similarity_bwd_op);
+  register_compiled_ops<&lse_fwd, &lse_bwd, &masked_lse_fwd, &masked_lse_bwd, &siglip_fwd_op, &siglip_bwd_op,
+                        &similarity_fwd_op, &similarity_bwd_op>(m);
 }
 
 }  // namespace mmkernels::cuda

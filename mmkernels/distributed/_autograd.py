@@ -47,20 +47,6 @@ class SharedScalar(torch.autograd.Function):
         return _summed(grad, ctx.ring) / ctx.divisor, None, None
 
 
-class SumOverRanks(torch.autograd.Function):
-    """A tensor summed over ranks; the backward sums the gradients over ranks too
-    (every rank's share depends on every rank's part)."""
-
-    @staticmethod
-    def forward(ctx, part: Tensor, ring: Ring):
-        ctx.ring = ring
-        return _summed(part, ring)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _summed(grad, ctx.ring), None
-
-
 def gather_rows(x: Tensor, ring: Ring) -> Tensor:
     """All ranks' rows of ``x`` concatenated in rank order (uneven sizes padded for
     the collective), not differentiable."""
@@ -72,28 +58,46 @@ def gather_rows(x: Tensor, ring: Ring) -> Tensor:
     return torch.cat([part[:rows] for part, rows in zip(parts, ring.sizes)])
 
 
-class AllGather(torch.autograd.Function):
+def summed_own_rows(whole: Tensor, ring: Ring) -> Tensor:
+    """This rank's rows of ``whole`` (all ranks' rows in rank order, as gather_rows
+    returns them) summed over the ranks, not differentiable: gather_rows' adjoint."""
+    largest = max(ring.sizes)
+    padded = whole.new_zeros(ring.size, largest, whole.shape[1])
+    start = 0
+    for q, rows in enumerate(ring.sizes):
+        padded[q, :rows] = whole[start:start + rows]
+        start += rows
+    if dist.get_backend(ring.group) == "nccl":
+        mine = whole.new_empty(largest, whole.shape[1])
+        dist.reduce_scatter_tensor(mine, padded.view(-1, whole.shape[1]), group=ring.group)
+    else:  # gloo has no reduce_scatter
+        dist.all_reduce(padded, group=ring.group)
+        mine = padded[ring.rank]
+    return mine[: ring.sizes[ring.rank]].contiguous()
+
+
+def _collective(collective, adjoint):
+    """An autograd.Function whose forward is ``collective(x, ring)`` and
+    whose backward is its adjoint ``adjoint(grad, ring)``."""
+
+    class Collective(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: Tensor, ring: Ring):
+            ctx.ring = ring
+            return collective(x, ring)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return adjoint(grad, ctx.ring), None
+
+    return Collective
+
+
+class SumOverRanks(_collective(_summed, _summed)):
+    """A tensor summed over ranks; the backward sums the gradients over ranks too
+    (every rank's share depends on every rank's part)."""
+
+
+class AllGather(_collective(gather_rows, summed_own_rows)):
     """All ranks' rows, concatenated; the backward sums each rank's gradient of the
     whole over ranks and returns this rank's rows (open_clip's gather_with_grad)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, ring: Ring):
-        ctx.ring = ring
-        return gather_rows(x, ring)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ring = ctx.ring
-        largest = max(ring.sizes)
-        padded = grad.new_zeros(ring.size, largest, grad.shape[1])
-        start = 0
-        for q, rows in enumerate(ring.sizes):
-            padded[q, :rows] = grad[start:start + rows]
-            start += rows
-        if dist.get_backend(ring.group) == "nccl":
-            mine = grad.new_empty(largest, grad.shape[1])
-            dist.reduce_scatter_tensor(mine, padded.view(-1, grad.shape[1]), group=ring.group)
-        else:  # gloo has no reduce_scatter
-            dist.all_reduce(padded, group=ring.group)
-            mine = padded[ring.rank]
-        return mine[: ring.sizes[ring.rank]].contiguous(), None

@@ -52,30 +52,48 @@ TEXT_POOLS = ("argmax", "eos")
 # --- configs ----------------------------------------------------------------
 
 @dataclass(frozen=True)
-class VisionConfig:
-    """The ViT image tower."""
-    image_size: int = 224
-    patch_size: int = 32
+class _TransformerShape:
+    """A tower's residual stack: ``layers`` pre-LN blocks of ``width`` channels,
+    ``heads`` attention heads and MLPs of ``mlp_ratio * width``. The defaults are
+    the image tower's; the text tower's config sets its own width and heads."""
     width: int = 768
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
 
 
+# Each tower's config is its input's fields, then its stack's: a dataclass takes
+# the fields of its last base first, so the input comes last among the bases.
+
 @dataclass(frozen=True)
-class TextConfig:
-    """The causal text Transformer.
+class _ImageInput:
+    image_size: int = 224
+    patch_size: int = 32
+
+
+@dataclass(frozen=True)
+class _TextInput:
+    context_length: int = 77
+    vocab_size: int = 49408
+
+
+@dataclass(frozen=True)
+class VisionConfig(_TransformerShape, _ImageInput):
+    """The ViT image tower: ``image_size``, ``patch_size``, then the stack's
+    ``width``, ``layers``, ``heads``, ``mlp_ratio``."""
+
+
+@dataclass(frozen=True)
+class TextConfig(_TransformerShape, _TextInput):
+    """The causal text Transformer: ``context_length``, ``vocab_size``, the stack's
+    ``width``, ``layers``, ``heads``, ``mlp_ratio``, then ``pool`` and ``eos_token_id``.
 
     ``pool``: "argmax" takes the features at ``tokens.argmax(-1)`` (CLIP's
     tokenizers give end-of-text the largest id); "eos" takes them at the first
     occurrence of ``eos_token_id``.
     """
-    context_length: int = 77
-    vocab_size: int = 49408
     width: int = 512
-    layers: int = 12
     heads: int = 8
-    mlp_ratio: float = 4.0
     pool: str = "argmax"
     eos_token_id: int | None = None
 
@@ -261,6 +279,12 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
+def _blocks(shape: _TransformerShape, act: str, eps: float, dropout: float) -> nn.ModuleList:
+    """A tower's residual stack, with PyTorch's initialisation (:func:`_init_blocks` gives CLIP's)."""
+    return nn.ModuleList(Block(shape.width, shape.heads, shape.mlp_ratio, act, eps, dropout)
+                         for _ in range(shape.layers))
+
+
 def _init_blocks(blocks: nn.ModuleList, width: int) -> None:
     """OpenAI CLIP's initialisation of a residual stack (projections into the
     residual stream scaled down with depth)."""
@@ -292,8 +316,7 @@ class VisionTower(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width, eps=eps)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, act, eps, dropout)
-                                    for _ in range(cfg.layers))
+        self.blocks = _blocks(cfg, act, eps, dropout)
         self.ln_post = nn.LayerNorm(cfg.width, eps=eps)
         self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
         _init_blocks(self.blocks, cfg.width)
@@ -322,8 +345,7 @@ class TextTower(nn.Module):
         self.eos_token_id = cfg.eos_token_id
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, act, eps, dropout)
-                                    for _ in range(cfg.layers))
+        self.blocks = _blocks(cfg, act, eps, dropout)
         self.ln_final = nn.LayerNorm(cfg.width, eps=eps)
         self.proj = nn.Parameter(torch.empty(cfg.width, embed_dim))
         nn.init.normal_(self.token_embedding.weight, std=0.02)

@@ -121,58 +121,48 @@ def bucket(n: int) -> int:
 # K-loop over D (forward statistics, backward P, similarity forward); "mm" kernels
 # compute (BLOCK_R x BLOCK_D) tiles of P @ features with a K-loop over P's columns.
 
-def _tile(bm, bn, bk, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+# The block sizes of each kernel shape: (rows, columns, K step) of its tiles.
+BLOCK_NAMES = {"tile": ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "mm": ("BLOCK_R", "BLOCK_D", "BLOCK_K")}
 
 
-def _mm(br, bd, bk, warps, stages):
-    return triton.Config({"BLOCK_R": br, "BLOCK_D": bd, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+def _config(kind: str, rows: int, cols: int, k: int, warps: int, stages: int) -> triton.Config:
+    """A triton.Config of a kernel shape from its block sizes, warps and pipeline stages."""
+    return triton.Config(dict(zip(BLOCK_NAMES[kind], (rows, cols, k))), num_warps=warps, num_stages=stages)
 
 
-_CONFIGS = {
-    "tile": {
-        # The S tile and its exp epilogue live in registers: 128 x 128 fp32 over
-        # 8 warps is 64 registers a thread for S and as many for exp(S).
-        ("sm90", "half"): [_tile(128, 128, 64, 8, 3), _tile(128, 128, 64, 8, 4),
-                           _tile(128, 64, 64, 4, 4), _tile(64, 128, 64, 4, 4),
-                           _tile(128, 128, 32, 8, 4)],
-        ("sm80", "half"): [_tile(128, 128, 32, 8, 4), _tile(128, 64, 32, 4, 4),
-                           _tile(64, 128, 32, 4, 4)],
-        ("sm90", "tf32"): [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3),
-                           _tile(64, 128, 32, 4, 3)],
-        ("sm80", "tf32"): [_tile(128, 128, 16, 8, 3), _tile(64, 64, 32, 4, 3)],
-        # Exact fp32 and fp64 products run on FMA units, operands in registers:
-        # short K steps keep them from spilling. 16 is the shortest: triton 3.6's
-        # tl.dot rejects K < 16 for every dtype (MIN_DOT_K below).
-        # 64 x 64 over 4 warps gets a stack frame on sm80 (3.6 and 3.8) and on
-        # sm90 under 3.6: 128 x 64 over 8 warps comes first (it never does).
-        ("sm90", "ieee"): [_tile(128, 64, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
-        ("sm80", "ieee"): [_tile(128, 64, 16, 8, 2)],
-        ("sm90", "fp64"): [_tile(32, 64, 16, 4, 2)],
-        ("sm80", "fp64"): [_tile(32, 64, 16, 4, 2)],
-    },
-    "mm": {
-        ("sm90", "half"): [_mm(128, 256, 64, 8, 3), _mm(128, 128, 64, 8, 4),
-                           _mm(64, 128, 64, 4, 4)],
-        ("sm80", "half"): [_mm(128, 128, 32, 4, 4), _mm(128, 128, 64, 8, 3),
-                           _mm(64, 128, 32, 4, 4)],
-        ("sm90", "tf32"): [_mm(128, 128, 32, 8, 3), _mm(128, 64, 32, 4, 3),
-                           _mm(64, 128, 32, 4, 3)],
-        ("sm80", "tf32"): [_mm(128, 128, 16, 8, 3), _mm(128, 64, 32, 4, 3),
-                           _mm(64, 64, 32, 4, 3)],
-        ("sm90", "ieee"): [_mm(64, 64, 16, 4, 2), _mm(32, 64, 16, 4, 2)],
-        ("sm80", "ieee"): [_mm(64, 64, 16, 4, 2), _mm(32, 64, 16, 4, 2)],
-        ("sm90", "fp64"): [_mm(64, 64, 16, 4, 2)],
-        ("sm80", "fp64"): [_mm(64, 64, 16, 4, 2)],
-    },
+# The candidates of both kernel shapes per (architecture, dtype class), each
+# (rows, cols, K step, warps, stages) in the order of BLOCK_NAMES.
+_CANDIDATES = {
+    # The S tile and its exp epilogue live in registers: 128 x 128 fp32 over
+    # 8 warps is 64 registers a thread for S and as many for exp(S).
+    ("sm90", "half"): {"tile": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+                                (64, 128, 64, 4, 4), (128, 128, 32, 8, 4)],
+                       "mm": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)]},
+    ("sm80", "half"): {"tile": [(128, 128, 32, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
+                       "mm": [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4)]},
+    ("sm90", "tf32"): {"tile": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3)],
+                       "mm": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3)]},
+    ("sm80", "tf32"): {"tile": [(128, 128, 16, 8, 3), (64, 64, 32, 4, 3)],
+                       "mm": [(128, 128, 16, 8, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)]},
+    # Exact fp32 and fp64 products run on FMA units, operands in registers:
+    # short K steps keep them from spilling. 16 is the shortest: triton 3.6's
+    # tl.dot rejects K < 16 for every dtype (MIN_DOT_K below).
+    # The tiles: 64 x 64 over 4 warps gets a stack frame on sm80 (3.6 and 3.8) and
+    # on sm90 under 3.6: 128 x 64 over 8 warps comes first (it never does).
+    ("sm90", "ieee"): {"tile": [(128, 64, 16, 8, 2), (64, 64, 16, 4, 2)],
+                       "mm": [(64, 64, 16, 4, 2), (32, 64, 16, 4, 2)]},
+    ("sm80", "ieee"): {"tile": [(128, 64, 16, 8, 2)], "mm": [(64, 64, 16, 4, 2), (32, 64, 16, 4, 2)]},
+    ("sm90", "fp64"): {"tile": [(32, 64, 16, 4, 2)], "mm": [(64, 64, 16, 4, 2)]},
+    ("sm80", "fp64"): {"tile": [(32, 64, 16, 4, 2)], "mm": [(64, 64, 16, 4, 2)]},
 }
+
+# The same as triton.Configs: _CONFIGS[kind][(arch, dtype class)].
+_CONFIGS = {kind: {key: [_config(kind, *c) for c in shapes[kind]] for key, shapes in _CANDIDATES.items()}
+            for kind in BLOCK_NAMES}
 
 # One fixed configuration under the interpreter: small and deliberately not
 # square, so that a transposed index shows up as a wrong result.
-_INTERPRETER_CONFIGS = {
-    "tile": [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)],
-    "mm": [triton.Config({"BLOCK_R": 16, "BLOCK_D": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)],
-}
+_INTERPRETER_CONFIGS = {kind: [_config(kind, 16, 32, 16, 4, 1)] for kind in BLOCK_NAMES}
 
 _ELEMENT_BYTES = {"half": 2, "tf32": 4, "ieee": 4, "fp64": 8}
 
@@ -183,9 +173,8 @@ MIN_DOT_K = 16
 
 def shared_memory_bytes(kind: str, config: triton.Config, dclass: str) -> int:
     """Shared memory of the software pipeline: ``stages`` copies of both operand tiles."""
-    kw = config.kwargs
-    rows, cols = (kw["BLOCK_M"], kw["BLOCK_N"]) if kind == "tile" else (kw["BLOCK_R"], kw["BLOCK_D"])
-    return config.num_stages * (rows + cols) * kw["BLOCK_K"] * _ELEMENT_BYTES[dclass]
+    rows, cols, k = (config.kwargs[name] for name in BLOCK_NAMES[kind])
+    return config.num_stages * (rows + cols) * k * _ELEMENT_BYTES[dclass]
 
 
 def configs(kind: str, arch_name: str, dclass: str) -> list[triton.Config]:

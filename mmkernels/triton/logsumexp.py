@@ -144,7 +144,7 @@ from torch.library import triton_op
 from mmkernels._checks import compute_dtype
 from mmkernels.ops import masked_logsumexp
 from mmkernels.triton import _launch
-from mmkernels.triton.matmul import products, row_offsets, scaled_tile, tile_dot
+from mmkernels.triton.matmul import products, row_block, row_factors, row_offsets, scaled_tile, tile_dot
 
 # Largest spread between a tile's top statistic and any of its columns' for
 # which the one-exp forms stay exact (module docstring). Tests set it to -1
@@ -254,12 +254,7 @@ def _lse_fwd_kernel(
     row_sum_ptr = row_max_ptr + stride_rp_stat
 
     for t in range(g, tl.cdiv(N, BLOCK_M), groups):
-        rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        a_rows = row_offsets(rows, N, stride_an)
-        row_fac = tl.zeros((BLOCK_M,), dtype=ACC) + scale
-        if NORMALIZE:
-            row_fac = row_fac * tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
+        rows, row_ok, a_rows, row_fac = row_block(t, N, stride_an, scale, ra_ptr, NORMALIZE, ACC, BLOCK_M)
         if MASKED:
             positive = tl.load(positives_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
             row_groups, row_threshold = _rule_vectors(row_groups_ptr, row_threshold_ptr, rows, row_ok,
@@ -391,10 +386,9 @@ def _lse_bwd_p_kernel(
     row_ok = rows < I
     col_ok = cols < J
     # The epilogue's operands are requested before the K-loop (latency hidden).
-    row_fac = tl.zeros((BLOCK_M,), dtype=ACC) + tl.load(scale_ptr).to(ACC)
+    row_fac = row_factors(tl.load(scale_ptr).to(ACC), ra_ptr, rows, row_ok, NORMALIZE, ACC, BLOCK_M)
     col_fac = tl.full((BLOCK_N,), 1.0, dtype=ACC)
     if NORMALIZE:
-        row_fac = row_fac * tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
         col_fac = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
     sigma = tl.load(sigma_ptr).to(ACC)
     r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0).to(ACC)

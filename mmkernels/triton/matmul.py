@@ -86,6 +86,27 @@ def tile_dot(a_ptr, b_ptr, a_rows, b_rows, D, stride_ad, stride_bd,
 
 
 @triton.jit
+def row_factors(scale, ra_ptr, rows, row_ok, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """The row factors of a tile of S: ``scale * ra[rows]`` when normalizing, else ``scale``."""
+    row_fac = tl.zeros((BLOCK_M,), dtype=ACC) + scale
+    if NORMALIZE:
+        row_fac = row_fac * tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
+    return row_fac
+
+
+@triton.jit
+def row_block(t, N, stride_an, scale, ra_ptr, NORMALIZE: tl.constexpr, ACC: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """Row block ``t`` of a: (rows, row_ok, their wrapped int64 offsets, their row
+    factors), what a persistent forward sets up once for each of its row blocks."""
+    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    a_rows = row_offsets(rows, N, stride_an)
+    return rows, row_ok, a_rows, row_factors(scale, ra_ptr, rows, row_ok, NORMALIZE, ACC, BLOCK_M)
+
+
+@triton.jit
 def scaled_tile(a_ptr, b_ptr, rb_ptr, a_rows, b_rows, row_fac, cols, col_ok, D,
                 stride_ad, stride_bd, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
                 ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -82,7 +82,7 @@ from torch.library import triton_op
 
 from mmkernels._checks import compute_dtype
 from mmkernels.triton import _launch
-from mmkernels.triton.matmul import products, row_offsets, scaled_tile
+from mmkernels.triton.matmul import products, row_block, row_factors, row_offsets, scaled_tile
 
 
 # --- kernels ---------------------------------------------------------------------
@@ -128,12 +128,7 @@ def _siglip_fwd_kernel(
     out_ptr = part_ptr + h.to(tl.int64) * stride_part
 
     for t in range(g, tl.cdiv(N, BLOCK_M), groups):
-        rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        a_rows = row_offsets(rows, N, stride_an)
-        row_fac = tl.zeros((BLOCK_M,), dtype=ACC) + scale
-        if NORMALIZE:
-            row_fac = row_fac * tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
+        rows, row_ok, a_rows, row_fac = row_block(t, N, stride_an, scale, ra_ptr, NORMALIZE, ACC, BLOCK_M)
         total = tl.zeros((BLOCK_M,), dtype=ACC)
 
         for u in range(h, tl.cdiv(M, BLOCK_N), splits):
@@ -171,9 +166,7 @@ def _siglip_bwd_p_kernel(
     row_ok = rows < I
     col_ok = cols < J
     # The epilogue's operands are requested before the K-loop (latency hidden).
-    row_fac = tl.zeros((BLOCK_M,), dtype=ACC) + tl.load(scale_ptr).to(ACC)
-    if NORMALIZE:
-        row_fac = row_fac * tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
+    row_fac = row_factors(tl.load(scale_ptr).to(ACC), ra_ptr, rows, row_ok, NORMALIZE, ACC, BLOCK_M)
     sigma = tl.load(sigma_ptr).to(ACC)
     g_r = tl.load(g_row_ptr + rows, mask=row_ok, other=0.0).to(ACC) * sigma
     x = _logits(a_ptr, b_ptr, rb_ptr, row_offsets(rows, I, stride_an), row_offsets(cols, J, stride_bm),
