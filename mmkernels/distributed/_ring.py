@@ -82,3 +82,40 @@ class Slots:
     def take(self, step: int, *shape: int) -> Tensor:
         numel = shape[0] * shape[1]
         return self._flat[step % len(self._flat)][:numel].view(*shape)
+
+
+class RankFacts:
+    """The facts each rank shared (one row per rank, the same table on every rank),
+    for errors raised identically on every rank, so that none waits on a collective
+    the others left. Raises at once when a rank found its own inputs invalid."""
+
+    def __init__(self, table: list):
+        bad = [q for q, row in enumerate(table) if not row["ok"]]
+        if bad:
+            raise ValueError(f"mmkernels.distributed: the inputs of rank(s) {bad} are invalid (the "
+                             "error raised there says why); every rank of the group stops")
+        self.table = table
+
+    @classmethod
+    def share(cls, facts, scale, fields, device, group, error) -> "RankFacts":
+        """All-gather this rank's ``facts`` (numbers, then the logit scale as a tensor:
+        no device sync) as a table of ``fields``, one row per rank; then raise this
+        rank's own ``error`` (its peers learn of it from its row of zeros) or the
+        group's. ``facts``/``scale`` are unused when ``error`` is set."""
+        if error is None:
+            mine = torch.cat([torch.tensor(facts, dtype=torch.float64, device=device),
+                              scale.detach().to(torch.float64).reshape(1)])
+        else:
+            mine = torch.zeros(len(fields), dtype=torch.float64, device=device)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, mine, group=group)
+        table = [dict(zip(fields, row)) for row in torch.stack(gathered).cpu().tolist()]
+        if error is not None:
+            raise error
+        return cls(table)
+
+    def per_rank(self, field, show=lambda v: v) -> str:
+        return ", ".join(f"rank {q}: {show(row[field])}" for q, row in enumerate(self.table))
+
+    def differs(self, field) -> bool:  # NaN (a non-finite logit_scale) equals NaN here
+        return len({row[field] if row[field] == row[field] else "nan" for row in self.table}) > 1

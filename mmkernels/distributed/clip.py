@@ -77,7 +77,7 @@ from mmkernels import _checks, backends
 from mmkernels.distributed._autograd import (AllGather, LossOverRanks, SharedScalar,
                                              SumOverRanks, gather_rows)
 from mmkernels.distributed._kernels import ring_kernels
-from mmkernels.distributed._ring import Ring, Slots
+from mmkernels.distributed._ring import RankFacts, Ring, Slots
 from mmkernels.ops import _common
 from mmkernels.ops import logsumexp as _lse
 from mmkernels.ops.contrastive import contrastive_loss as _single_process_loss
@@ -130,6 +130,7 @@ def _agree(group, image_features, text_features, logit_scale, *, strategy, norma
 
     like = next((x for x in (image_features, text_features) if isinstance(x, Tensor)), None)
     device = like.device if like is not None else torch.device("cpu")
+    facts = None
     if error is None:
         grad_on = torch.is_grad_enabled()
         facts = [1.0, image_features.shape[0], image_features.shape[1],
@@ -139,34 +140,17 @@ def _agree(group, image_features, text_features, logit_scale, *, strategy, norma
                                     or scale.requires_grad)),
                  float(grad_on and scale.requires_grad),
                  float(grad_on and text_features.requires_grad)]
-        # The scale stays on its device (no sync here); it joins the facts as a tensor.
-        mine = torch.cat([torch.tensor(facts, dtype=torch.float64, device=device),
-                          scale.detach().to(torch.float64).reshape(1)])
-    else:
-        mine = torch.zeros(len(_FIELDS), dtype=torch.float64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(size)]
-    dist.all_gather(gathered, mine, group=group)
-    table = [dict(zip(_FIELDS, row)) for row in torch.stack(gathered).cpu().tolist()]
-    if error is not None:
-        raise error
-    _check_agreement(table)
+    shared = RankFacts.share(facts, scale, _FIELDS, device, group, error)
+    _check_agreement(shared)
+    table = shared.table
     sizes = tuple(int(row["rows"]) for row in table)
     text_trains = any(row["text_needs_grad"] for row in table)
     return Ring(group, rank, size, sizes), scale, name, text_trains
 
 
-def _check_agreement(table: list) -> None:
+def _check_agreement(facts: RankFacts) -> None:
     """Raise (identically on every rank) when the ranks' facts are inconsistent."""
-    bad = [q for q, row in enumerate(table) if not row["ok"]]
-    if bad:
-        raise ValueError(f"mmkernels.distributed: the inputs of rank(s) {bad} are invalid (the "
-                         "error raised there says why); every rank of the group stops")
-
-    def per_rank(field, show=lambda v: v):
-        return ", ".join(f"rank {q}: {show(row[field])}" for q, row in enumerate(table))
-
-    def differs(field):  # NaN (a non-finite logit_scale) equals NaN here
-        return len({row[field] if row[field] == row[field] else "nan" for row in table}) > 1
+    per_rank, differs = facts.per_rank, facts.differs
 
     if differs("D"):
         raise ValueError("image_features/text_features: the feature dimension D differs across "

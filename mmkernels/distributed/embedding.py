@@ -76,11 +76,11 @@ from torch.autograd.function import once_differentiable
 
 from mmkernels import _checks
 from mmkernels.distributed._autograd import LossOverRanks, SharedScalar, gather_rows
-from mmkernels.distributed._ring import Ring, Slots
+from mmkernels.distributed._ring import RankFacts, Ring, Slots
 from mmkernels.ops import _common
 from mmkernels.ops import masked_logsumexp as _masked
 from mmkernels.ops.contrastive import _Side, check_margin
-from mmkernels.ops.embedding import DIRECTIONS, _check_directions, _docs_matrix
+from mmkernels.ops.embedding import DIRECTIONS, _check_directions, _docs_matrix, log_partition
 from mmkernels.ops.embedding import multiple_negatives_loss as _single_process_loss
 
 PARTITION_MODES = ("joint", "per_direction")
@@ -125,7 +125,7 @@ def _agree(group, query, docs, logit_scale, *, directions, partition_mode, margi
                            "torch.distributed.init_process_group first (or use "
                            "mmkernels.multiple_negatives_loss on one process)")
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    error = None
+    error, scale = None, None
     try:
         docs, directions, margin, scale, name = _check_locally(
             query, docs, logit_scale, directions, partition_mode, margin, normalize,
@@ -133,6 +133,7 @@ def _agree(group, query, docs, logit_scale, *, directions, partition_mode, margi
     except (TypeError, ValueError, RuntimeError) as exc:
         error = exc
     device = query.device if isinstance(query, Tensor) else torch.device("cpu")
+    facts = None
     if error is None:
         grad_on = torch.is_grad_enabled()
         facts = [1.0, query.shape[0], docs.shape[0] // query.shape[0], query.shape[1],
@@ -142,34 +143,18 @@ def _agree(group, query, docs, logit_scale, *, directions, partition_mode, margi
                  0.0 if margin is None else margin, float(normalize),
                  REDUCTIONS.index(reduction), float(grad_on and query.requires_grad),
                  float(grad_on and docs.requires_grad), float(grad_on and scale.requires_grad)]
-        mine = torch.cat([torch.tensor(facts, dtype=torch.float64, device=device),
-                          scale.detach().to(torch.float64).reshape(1)])
-    else:
-        mine = torch.zeros(len(_FIELDS), dtype=torch.float64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(size)]
-    dist.all_gather(gathered, mine, group=group)
-    table = [dict(zip(_FIELDS, row)) for row in torch.stack(gathered).cpu().tolist()]
-    if error is not None:
-        raise error
-    _check_agreement(table)
+    shared = RankFacts.share(facts, scale, _FIELDS, device, group, error)
+    _check_agreement(shared)
+    table = shared.table
     ring = Ring(group, rank, size, tuple(int(row["rows"]) for row in table))
     trains = {"query": bool(table[0]["query_needs_grad"]),
               "docs": bool(table[0]["docs_needs_grad"])}
     return ring, docs, directions, margin, scale, name, trains
 
 
-def _check_agreement(table: list) -> None:
+def _check_agreement(facts: RankFacts) -> None:
     """Raise (identically on every rank) when the ranks' facts are inconsistent."""
-    bad = [q for q, row in enumerate(table) if not row["ok"]]
-    if bad:
-        raise ValueError(f"mmkernels.distributed: the inputs of rank(s) {bad} are invalid (the "
-                         "error raised there says why); every rank of the group stops")
-
-    def per_rank(field, show=lambda v: v):
-        return ", ".join(f"rank {q}: {show(row[field])}" for q, row in enumerate(table))
-
-    def differs(field):  # NaN (a non-finite logit_scale) equals NaN here
-        return len({row[field] if row[field] == row[field] else "nan" for row in table}) > 1
+    per_rank, differs = facts.per_rank, facts.differs
 
     if differs("D"):
         raise ValueError("query/docs: the feature dimension D differs across ranks "
@@ -408,14 +393,7 @@ def _global_per_row(query, docs, scale, ring: Ring, directions, partition_mode, 
         stats["doc_to_doc"], _ = _RingMaskedLogSumExp.apply(
             d_pos, docs, scale, normalize, ring, doc_rows, batch.doc_doc(), kernels, False,
             trains["docs"])
-    chosen = [stats[d] for d in DIRECTIONS if d in directions]
-    if partition_mode == "joint":
-        log_z = chosen[0]
-        for lse in chosen[1:]:  # disjoint candidate sets: the union's lse
-            log_z = torch.logaddexp(log_z, lse)
-    else:
-        log_z = sum(chosen) / len(chosen)
-    return log_z - positive
+    return log_partition(stats, directions, partition_mode) - positive
 
 
 @_checks.outside_autocast

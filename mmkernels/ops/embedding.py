@@ -168,14 +168,20 @@ def _per_row(query, docs, scale, directions, partition_mode, margin, normalize, 
             d_pos, docs, scale, normalize=normalize, row_groups=rows,
             col_groups=torch.arange(m, device=query.device) % n, positives=no_positive,
             row_threshold=threshold, backend=backend)
+    return log_partition(stats, directions, partition_mode) - positive
+
+
+def log_partition(stats: dict, directions, partition_mode: str) -> Tensor:
+    """log Z per row from each chosen direction's logsumexp (``stats[direction]``):
+    "joint", the union's logsumexp (the candidate sets are disjoint, so the logaddexp
+    of theirs); "per_direction", their mean."""
     chosen = [stats[d] for d in DIRECTIONS if d in directions]
     if partition_mode == "joint":
         log_z = chosen[0]
-        for lse in chosen[1:]:  # disjoint candidate sets: the union's lse
+        for lse in chosen[1:]:
             log_z = torch.logaddexp(log_z, lse)
-    else:
-        log_z = sum(chosen) / len(chosen)
-    return log_z - positive
+        return log_z
+    return sum(chosen) / len(chosen)
 
 
 # --- public function -----------------------------------------------------------------
