@@ -92,7 +92,11 @@ def test_gradient_caching_equals_full_batch(backend):
         loss, cached = _grads(model, images, tokens, micro, backend)
         torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
         for k in full:
-            torch.testing.assert_close(cached[k], full[k], rtol=1e-4, atol=1e-6,
+            # Micro-batches sum the same fp32 terms in another order: entries that
+            # nearly cancel are compared against the tensor's scale, not their own
+            # (1.2e-6 off an entry of 5e-4 on an AVX2 CPU, whose BLAS rounds otherwise).
+            scale = full[k].abs().max().item()
+            torch.testing.assert_close(cached[k], full[k], rtol=1e-4, atol=max(1e-6, 1e-4 * scale),
                                        msg=lambda m: f"micro {micro}, {k}: {m}")
     assert full["logit_scale"].abs() > 0
 
