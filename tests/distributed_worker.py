@@ -469,7 +469,9 @@ def run_case(name, world, rank, mmkernels, mmdist, open_clip_loss):
     raise AssertionError(f"unknown case {name}")
 
 
-def main():
+def join_world():
+    """(world, rank, out_dir, backend names) of this worker, from its command line,
+    once it has joined its gloo group."""
     world, rank, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     backend_names = [name for name in sys.argv[5].split(",") if name]
     torch.set_num_threads(1)  # W processes share the machine's cores
@@ -477,6 +479,29 @@ def main():
                           timeout=datetime.timedelta(seconds=60))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
+    return world, rank, out_dir, backend_names
+
+
+def run_and_report(names, run_one, rank: int, out_dir: str, seconds: dict | None = None, **extra):
+    """Run each case ``run_one(name)`` (seed 0), recording its traceback or None and its
+    time, then write this rank's report (plus ``extra`` fields) and leave the group."""
+    results, seconds = {}, dict(seconds or {})
+    for name in names:
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        try:
+            run_one(name)
+            results[name] = None
+        except Exception:  # recorded; the parent's test for this case fails with it
+            results[name] = traceback.format_exc(limit=6)
+        seconds[name] = time.perf_counter() - start
+    results.update(extra, _seconds=seconds)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def main():
+    world, rank, out_dir, backend_names = join_world()
     import mmkernels
     from mmkernels import distributed as mmdist
     from mmkernels.ops import _common
@@ -485,21 +510,10 @@ def main():
     DEFAULT_TILES = _common.TILE_SHAPE
     _common.TILE_SHAPE = {"cpu": TILES, "cuda": TILES}
     open_clip_loss = open_clip_loss_module()
-    started = time.perf_counter()
-    results, seconds = {}, {}
-    for name in cases(world, backend_names):
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        try:
-            run_case(name, world, rank, mmkernels, mmdist, open_clip_loss)
-            results[name] = None
-        except Exception:  # recorded; the parent's test for this case fails with it
-            results[name] = traceback.format_exc(limit=6)
-        seconds[name] = time.perf_counter() - start
-    results["_open_clip"] = open_clip_loss is not None
-    results["_seconds"] = {"startup": started - _IMPORTED_AT, **seconds}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    run_and_report(cases(world, backend_names),
+                   lambda name: run_case(name, world, rank, mmkernels, mmdist, open_clip_loss),
+                   rank, out_dir, seconds={"startup": time.perf_counter() - _IMPORTED_AT},
+                   _open_clip=open_clip_loss is not None)
 
 
 if __name__ == "__main__":

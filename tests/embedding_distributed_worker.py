@@ -17,12 +17,8 @@ run in the same processes.
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -30,7 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distributed_worker import expect_error, leaf, shard  # noqa: E402
+from distributed_worker import expect_error, join_world, leaf, run_and_report, shard  # noqa: E402
 from tolerances import assert_matches  # noqa: E402
 
 D = 12
@@ -355,33 +351,15 @@ def run_case(name, world, rank, mmdist):
 
 
 def main():
-    world, rank, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    backend_names = [name for name in sys.argv[5].split(",") if name]
-    torch.set_num_threads(1)  # W processes share the machine's cores
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
-                          timeout=datetime.timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    world, rank, out_dir, backend_names = join_world()
     from mmkernels import distributed as mmdist
     from mmkernels.ops import _common
 
     global DEFAULT_TILES
     DEFAULT_TILES = _common.TILE_SHAPE
     _common.TILE_SHAPE = {"cpu": TILES, "cuda": TILES}
-    results, seconds = {}, {}
-    for name in cases(world, backend_names):
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        try:
-            run_case(name, world, rank, mmdist)
-            results[name] = None
-        except Exception:  # recorded; the parent's test for this case fails with it
-            results[name] = traceback.format_exc(limit=6)
-        seconds[name] = time.perf_counter() - start
-    results["_seconds"] = seconds
-    results["_memory_mib"] = MEMORY
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    run_and_report(cases(world, backend_names), lambda name: run_case(name, world, rank, mmdist),
+                   rank, out_dir, _memory_mib=MEMORY)
 
 
 if __name__ == "__main__":

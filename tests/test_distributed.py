@@ -12,6 +12,7 @@ and the ring's per-rank memory. Everything is bounded: the processes' own
 collectives time out after 60 s and the group is killed after WORLD_TIMEOUT.
 """
 
+import contextlib
 import datetime
 import functools
 import json
@@ -138,16 +139,25 @@ def test_distributed_cliploss_needs_an_initialized_process_group():
         mmkernels.ClipLoss(rank=1, world_size=2)(torch.randn(3, 4), torch.randn(3, 4), 2.0)
 
 
-def test_world_of_one_is_the_single_process_loss(tmp_path):
-    """A group of one process: the plain loss, and its gradients, unchanged."""
-    import mmkernels
-    from mmkernels import distributed
-
+@contextlib.contextmanager
+def world_of_one(tmp_path):
+    """This process as a gloo group of one, for the body of the with-statement."""
     if dist.is_initialized():
         pytest.skip("a process group is initialized in this process")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_of_one_is_the_single_process_loss(tmp_path):
+    """A group of one process: the plain loss, and its gradients, unchanged."""
+    import mmkernels
+    from mmkernels import distributed
+
+    with world_of_one(tmp_path):
         a, b = torch.randn(6, 5), torch.randn(6, 5)
         s = torch.tensor(3.0, requires_grad=True)
         for strategy in ("ring", "gather"):
@@ -159,5 +169,3 @@ def test_world_of_one_is_the_single_process_loss(tmp_path):
             torch.testing.assert_close(g, w)
         with pytest.raises(ValueError, match="strategy"):
             distributed.contrastive_loss(a, b, strategy="allreduce")
-    finally:
-        dist.destroy_process_group()

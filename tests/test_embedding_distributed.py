@@ -77,11 +77,7 @@ def test_world_of_one_is_the_single_process_loss(tmp_path):
     import mmkernels
     from mmkernels import distributed
 
-    if dist.is_initialized():
-        pytest.skip("a process group is initialized in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
+    with test_distributed.world_of_one(tmp_path):
         q, docs = torch.randn(5, 6), torch.randn(10, 6)
         s = torch.tensor(20.0, requires_grad=True)
         kw = dict(directions=worker.ALL, false_negative_margin=0.5)
@@ -93,5 +89,3 @@ def test_world_of_one_is_the_single_process_loss(tmp_path):
             distributed.multiple_negatives_loss(q, docs, reduction="none")
         with pytest.raises(ValueError, match="directions"):
             distributed.multiple_negatives_loss(q, docs, directions=("doc_to_query",))
-    finally:
-        dist.destroy_process_group()

@@ -12,20 +12,8 @@ import torch
 import mmkernels
 import reference
 from compare_to_reference import compare
+from embedding_cases import ALL, CONFIGS, save_tiny_bert
 from tolerances import fp32_logit_rtol
-
-ALL = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
-# (directions, partition_mode): every pairing sentence-transformers accepts that
-# exercises a distinct statistic, and the full GTE set.
-CONFIGS = [
-    (("query_to_doc",), "joint"),
-    (("query_to_doc", "doc_to_query"), "joint"),
-    (("query_to_doc", "query_to_query"), "joint"),
-    (("query_to_doc", "doc_to_doc"), "joint"),
-    (ALL, "joint"),
-    (("query_to_doc",), "per_direction"),
-    (("query_to_doc", "doc_to_query"), "per_direction"),
-]
 
 
 # --- the reference, from the definitions ------------------------------------------------
@@ -284,19 +272,8 @@ def test_against_sentence_transformers(backend, small_tiles, config, k, similari
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised 1-layer BERT and its word-level vocab, no download."""
-    transformers = pytest.importorskip("transformers")
-    path = tmp_path_factory.mktemp("tiny_bert")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
-        "the a cat dog sat on mat ran far big small red blue green".split())
-    (path / "vocab.txt").write_text("\n".join(words) + "\n")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=32,
-                                     max_position_embeddings=32, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0)
-    transformers.BertModel(config).save_pretrained(path)
-    transformers.BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
-    return str(path)
+    pytest.importorskip("transformers")
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 TEXTS = [["the cat sat", "a dog ran far", "big red mat", "green", "the small dog"],

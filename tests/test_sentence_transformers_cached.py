@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import reference
+from embedding_cases import ALL, CONFIGS, save_tiny_bert
 
 st = pytest.importorskip("sentence_transformers")
 transformers = pytest.importorskip("transformers")
@@ -20,38 +21,17 @@ from mmkernels.integrations.sentence_transformers import (  # noqa: E402
     MultipleNegativesRankingLoss,
 )
 
-ALL = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
-# every pairing sentence-transformers accepts that reads a distinct statistic
-CONFIGS = [
-    (("query_to_doc",), "joint"),
-    (("query_to_doc", "doc_to_query"), "joint"),
-    (("query_to_doc", "query_to_query"), "joint"),
-    (("query_to_doc", "doc_to_doc"), "joint"),
-    (ALL, "joint"),
-    (("query_to_doc",), "per_direction"),
-    (("query_to_doc", "doc_to_query"), "per_direction"),
-]
 # anchors, positives, hard negatives: 6 rows of different lengths (the mini-batches
 # trim their own padding, so each sees another sequence width)
 TEXTS = [["the cat sat", "a dog ran far", "big red mat", "green", "the small dog", "on a mat"],
          ["the mat", "dog far", "red blue", "a green cat", "small", "the mat sat on"],
          ["small cat", "the big dog sat", "on the mat", "blue", "far far", "red"]]
 BATCH = len(TEXTS[0])
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
-    "the a cat dog sat on mat ran far big small red blue green".split())
 
 
 def _tiny_bert(path, dropout):
     """A randomly initialised 1-layer BERT with a word-level vocab, saved to ``path``."""
-    (path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=32,
-                                     max_position_embeddings=32, hidden_dropout_prob=dropout,
-                                     attention_probs_dropout_prob=dropout)
-    transformers.BertModel(config).save_pretrained(path)
-    transformers.BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
-    return st.SentenceTransformer(str(path), device="cpu")
+    return st.SentenceTransformer(save_tiny_bert(path, dropout), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -213,7 +213,7 @@ def _ring_backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, ring:
     A frozen side costs no product: pa (and its travelling accumulator) only when
     some rank's text features train (``text_trains``), pb only when this rank's
     images train or its scale share is taken from pb (when no pa is computed)."""
-    needs_a, needs_b, needs_scale = needs_input_grad
+    needs_a, _, needs_scale = needs_input_grad
     compute_pa = text_trains
     compute_pb = needs_a or (needs_scale and not compute_pa)
     d, largest = a.shape[1], max(ring.sizes)
@@ -238,14 +238,32 @@ def _ring_backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, ring:
         pb_k, pa_k = bwd(a, block, scale, normalize, row_lse, stats[0], g_row, stats[1],
                          compute_pb, compute_pa)
         pending.wait()
-        if compute_pb:
-            pb = pb_k if pb is None else pb.add_(pb_k)
-        if compute_pa:
-            acc = pa_k.contiguous() if acc_in is None else pa_k.add_(acc_in)
+        pb, acc = add_step_products(pb, pb_k, acc, pa_k, acc_in, compute_pb, compute_pa)
         block, stats = incoming, incoming_stats
 
     if ring.size == 1:
         return _common.grads_from_products(a, b, scale, normalize, pb, acc, needs_input_grad)
+    return finish_ring_backward(a, b, scale, normalize, ring, pb, acc, needs_input_grad,
+                                compute_pb, compute_pa)
+
+
+def add_step_products(pb, pb_k, acc, pa_k, acc_in, compute_pb: bool, compute_pa: bool):
+    """One ring step's products folded in: pb (the home rows', None before the first
+    step) += pb_k; the travelling accumulator becomes pa_k + the one received (acc_in,
+    None at the first step). A product not computed (a frozen side) leaves its side as is."""
+    if compute_pb:
+        pb = pb_k if pb is None else pb.add_(pb_k)
+    if compute_pa:
+        acc = pa_k.contiguous() if acc_in is None else pa_k.add_(acc_in)
+    return pb, acc
+
+def finish_ring_backward(a, b, scale, normalize, ring: Ring, pb, acc, needs_input_grad,
+                         compute_pb: bool, compute_pa: bool):
+    """The gradients of (a, b, scale) once the ring's steps are done: ``pb`` holds this
+    rank's rows' product, ``acc`` the travelling pa of the block of rank + 1, complete:
+    it is sent home while the home rows' gradients are formed, and ours received."""
+    needs_a, needs_b, needs_scale = needs_input_grad
+    d = a.shape[1]
     # acc is complete for the block of rank + 1: send it home, and receive ours while
     # the home rows' gradients are formed.
     pending = ring.start([(acc, 1)], [(acc.new_empty(b.shape[0], d), -1)]) if compute_pa else None

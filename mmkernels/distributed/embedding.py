@@ -77,6 +77,7 @@ from torch.autograd.function import once_differentiable
 from mmkernels import _checks
 from mmkernels.distributed._autograd import LossOverRanks, SharedScalar, gather_rows
 from mmkernels.distributed._ring import RankFacts, Ring, Slots
+from mmkernels.distributed.clip import add_step_products, finish_ring_backward
 from mmkernels.ops import _common
 from mmkernels.ops import masked_logsumexp as _masked
 from mmkernels.ops.contrastive import _Side, check_margin
@@ -221,7 +222,7 @@ def _ring_backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, ring:
                    rules_at, bwd, needs_input_grad, b_trains: bool):
     """Gradients of (a, b, scale's share) by the ring: pb stays home, pa travels (only
     when some rank's ``b`` trains: ``b_trains``). ``col_lse`` None: no column term."""
-    needs_a, needs_b, needs_scale = needs_input_grad
+    needs_a, _, needs_scale = needs_input_grad
     compute_pa = b_trains
     compute_pb = needs_a or (needs_scale and not compute_pa)
     columns = col_lse is not None
@@ -256,21 +257,11 @@ def _ring_backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, ring:
         pb_k, pa_k = bwd(a, block, scale, normalize, *rules_at(v), row_lse, c_lse, g_row, c_grad,
                          compute_pb, compute_pa)
         pending.wait()
-        if compute_pb:
-            pb = pb_k if pb is None else pb.add_(pb_k)
-        if compute_pa:
-            acc = pa_k.contiguous() if acc_in is None else pa_k.add_(acc_in)
+        pb, acc = add_step_products(pb, pb_k, acc, pa_k, acc_in, compute_pb, compute_pa)
         block, stats = incoming, incoming_stats
 
-    # acc is complete for the block of rank + 1: send it home, and receive ours while
-    # the home rows' gradients are formed.
-    pending = ring.start([(acc, 1)], [(acc.new_empty(b.shape[0], d), -1)]) if compute_pa else None
-    grad_a, _, grad_scale = _common.grads_from_products(
-        a, b, scale, normalize, pb, None, (needs_a, False, needs_scale and compute_pb))
-    pa = pending.wait()[0] if compute_pa else None
-    _, grad_b, scale_from_pa = _common.grads_from_products(
-        a, b, scale, normalize, None, pa, (False, needs_b, needs_scale and not compute_pb))
-    return grad_a, grad_b, grad_scale if compute_pb else scale_from_pa
+    return finish_ring_backward(a, b, scale, normalize, ring, pb, acc, needs_input_grad,
+                                compute_pb, compute_pa)
 
 
 class _RingMaskedLogSumExp(torch.autograd.Function):
