@@ -8,9 +8,11 @@
 // (mmkernels/compiled.py); one op serves the cpu and cuda backends, dispatched
 // on the tensors' device.
 #include <Python.h>
+#include <exception>
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/kernels.h"
 #include "cpu/tile_ops.h"
 #ifdef MMKERNELS_WITH_CUDA
@@ -46,7 +48,14 @@ namespace {
 
 namespace cpu = mmkernels::cpu;
 
-PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(cpu::tile_ops_f32().isa); }
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(cpu::tile_ops_f32().isa);
+  } catch (const std::exception& e) {  // a bad MMKERNELS_CPU_ISA
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
 
 PyObject* cpu_isas(PyObject*, PyObject*) {
   int count = 0;
@@ -61,6 +70,34 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   if (name == nullptr) return nullptr;
   if (!cpu::set_isa(name)) {
     PyErr_Format(PyExc_ValueError, "isa: %R is not one this CPU runs (see cpu_isas())", arg);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_bf16_products(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(cpu::bf16_products_name());
+  } catch (const std::exception& e) {  // a bad MMKERNELS_CPU_BF16_PRODUCTS
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyObject* cpu_bf16_products_supported(PyObject*, PyObject*) {
+  int count = 0;
+  const char* const* names = cpu::supported_bf16_products(&count);
+  PyObject* out = PyTuple_New(count);
+  for (int k = 0; out != nullptr && k < count; ++k) PyTuple_SET_ITEM(out, k, PyUnicode_FromString(names[k]));
+  return out;
+}
+
+PyObject* set_cpu_bf16_products(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  if (!cpu::set_bf16_products(name)) {
+    PyErr_Format(PyExc_ValueError, "bf16 products: %R is not one this CPU runs (see cpu_bf16_products_supported())",
+                 arg);
     return nullptr;
   }
   Py_RETURN_NONE;
@@ -95,6 +132,11 @@ PyMethodDef kMethods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set of the float CPU tile kernels in use."},
     {"cpu_isas", cpu_isas, METH_NOARGS, "Instruction sets compiled in that this CPU runs, best first."},
     {"set_cpu_isa", set_cpu_isa, METH_O, "Use the float CPU tile kernels of this instruction set (tests)."},
+    {"cpu_bf16_products", cpu_bf16_products, METH_NOARGS,
+     "Tile products of bf16 inputs on CPU: \"avx512_bf16\" or \"fp32\"."},
+    {"cpu_bf16_products_supported", cpu_bf16_products_supported, METH_NOARGS,
+     "The bf16 tile products this CPU runs, best first."},
+    {"set_cpu_bf16_products", set_cpu_bf16_products, METH_O, "Use these bf16 tile products (tests)."},
     {"set_cpu_tile_shape", set_cpu_tile_shape, METH_VARARGS,
      "Set the CPU kernels' tile edges (rows, cols); returns the previous ones (tests)."},
     {"products_computed", products_computed, METH_NOARGS,

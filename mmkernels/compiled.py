@@ -23,8 +23,11 @@ op                           contract
 ``compiled_similarity_bwd``  ``(a, b, scale, grad) -> (pb, pa)``
 ===========================  ========================================================
 
-Numerics: products and statistics in fp32 (fp64 for fp64 inputs) whatever the
-input dtype; fp16/bf16 inputs are converted to fp32 operands once, O(N*D).
+Numerics: statistics in fp32 (fp64 for fp64 inputs) whatever the input dtype;
+products in fp32 too, fp16 inputs converted to fp32 operands once, O(N*D). bf16
+inputs on CPUs with AVX512-BF16 multiply as bf16 with fp32 accumulation and
+fp32 logits (the backward's P rounded to bf16 for its two products, as on GPU);
+elsewhere they are converted like fp16: :func:`cpu_kernel_paths` says which.
 The CPU tile kernels' exp is a vectorized polynomial within 1 ulp of the
 correctly rounded exp, SigLIP's softplus and sigmoid within 3 ulp of the exact
 values (csrc/cpu/tile_ops_simd.inc); the instruction set
@@ -72,3 +75,29 @@ def products_computed() -> tuple[int, int, int]:
 def cpu_isa() -> str:
     """Instruction set of the float CPU tile kernels in use: "avx512", "avx2" or "generic"."""
     return _extension._C.cpu_isa()
+
+
+def cpu_kernel_paths() -> dict[str, dict[str, str]]:
+    """What the C++ CPU kernels run for inputs of each dtype, in this process.
+
+    For each of "float64", "float32", "bfloat16" and "float16": ``"products"``,
+    the tile matrix products (``"avx512_bf16"``: bf16 operands with fp32
+    accumulation, our own kernels; ``"fp32"`` or ``"fp64"``: the operands in
+    that dtype through ATen's BLAS), and ``"elementwise"``, the instruction set
+    of the exp/max/sum passes over each tile (:func:`cpu_isa`; "generic" for
+    fp64). Chosen once per process from the CPU's features, best first; the
+    environment variables ``MMKERNELS_CPU_BF16_PRODUCTS`` (``avx512_bf16`` or
+    ``fp32``) and ``MMKERNELS_CPU_ISA`` (``avx512``, ``avx2`` or ``generic``)
+    force a path (an unsupported one raises ValueError here and at the first
+    call). fp16 keeps fp32 products: fp16 to bf16 is not exact, and without
+    AVX512-FP16 (which no machine of this project has had) fp32 is the fastest
+    exact path. See docs/cpu-bf16.md.
+    """
+    isa = cpu_isa()
+    bf16 = _extension._C.cpu_bf16_products()
+    return {
+        "float64": {"products": "fp64", "elementwise": "generic"},
+        "float32": {"products": "fp32", "elementwise": isa},
+        "bfloat16": {"products": bf16, "elementwise": isa},
+        "float16": {"products": "fp32", "elementwise": isa},
+    }

@@ -39,12 +39,14 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../common.h"
 #include "../register_ops.h"
 #include "../int_math.h"
+#include "gemm_bf16.h"
 #include "kernels.h"
 #include "tile_ops.h"
 
@@ -94,11 +96,128 @@ Tensor tile_view(const Tensor& flat, int64_t rows, int64_t cols) {
   return flat.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+// The tile products of the schedules below on fp32 or fp64 operands: one
+// single-threaded BLAS call each, on views of the operands.
+struct BlasProducts {
+  Tensor ah, bh;  // (N, D), (M, D): normalized and in the compute dtype
+  double scale;
+
+  int64_t d() const { return ah.size(1); }
+  at::TensorOptions options() const { return ah.options(); }
+
+  // s (rows, cols) = scale * A_i @ B_j^T.
+  void logits(int64_t, Tensor& s, int64_t i0, int64_t j0) const {
+    at::addmm_out(s, s, ah.narrow(0, i0, s.size(0)), bh.narrow(0, j0, s.size(1)).t(), /*beta=*/0, /*alpha=*/scale);
+  }
+  // After P overwrote s: pb_i (+)= P @ B_j and pa_c (+)= P^T @ A_i, each when given.
+  void p_products(int64_t, const Tensor& p, int64_t i0, int64_t j0, Tensor* pb_i, bool add_pb, Tensor* pa_c,
+                  bool add_pa) const {
+    if (pb_i) at::addmm_out(*pb_i, *pb_i, p, bh.narrow(0, j0, p.size(1)), /*beta=*/add_pb ? 1 : 0, /*alpha=*/1);
+    if (pa_c) at::addmm_out(*pa_c, *pa_c, p.t(), ah.narrow(0, i0, p.size(0)), /*beta=*/add_pa ? 1 : 0, /*alpha=*/1);
+  }
+};
+
+// The same products on bf16 operands, fp32 accumulation and fp32 results
+// (gemm_bf16.h), for bf16 inputs on CPUs with AVX512-BF16. The operands are the
+// inputs themselves (exact), normalization the inverse norms applied to each
+// logit in fp32, so the logits are as exact as the fp32 path's; the backward's
+// P (times those factors) is rounded to bf16 for its two products, as the GPU
+// kernels do (docs/cpu-bf16.md has the errors). The operands are packed once
+// per call (O((N + M) * D) bf16), P once per tile.
+struct Bf16TileProducts {
+  const Bf16Products& k;
+  float scale;
+  int64_t dim, d16, tm, tn, tn16;
+  Tensor a16;          // (N, De) bf16, De = D rounded up to even (a zero pad column)
+  Tensor inv_a, inv_b; // normalize: (N), (M) fp32 inverse norms; else undefined
+  Tensor b_logits;     // per column tile: B_j^T packed, (De / 2, tn16) words
+  Tensor b_rows;       // backward, per column tile: B_j packed by rows, (ceil(tn / 2), d16) words
+  Tensor a_rows;       // backward, per row tile: A_i packed by rows, (ceil(tm / 2), d16) words
+  Tensor p16, p_pairs; // backward, per chunk: P rounded, row-major (tm, tn + 1) and packed (ceil(tm / 2), tn16)
+
+  static int64_t round_up(int64_t x, int64_t k) { return ceil_div(x, k) * k; }
+  static uint32_t* words(const Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr()); }
+  static uint16_t* halves(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
+  static const float* floats(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+  // a (N, D), b (M, D): the bf16 inputs.
+  Bf16TileProducts(const Bf16Products& kernels, const Tensor& a, const Tensor& b, bool normalize, double scale_,
+                   const Schedule& sched, bool backward)
+      : k(kernels), scale(static_cast<float>(scale_)), dim(a.size(1)), d16(round_up(dim, 16)), tm(sched.tm),
+        tn(sched.tn), tn16(round_up(sched.tn, 16)) {
+    const int64_t pad = dim & 1;
+    auto operand = [&](const Tensor& x) { return (pad ? at::constant_pad_nd(x, {0, 1}) : x).contiguous(); };
+    a16 = operand(a);
+    const Tensor b16 = operand(b);
+    if (normalize) {
+      inv_a = inv_norms(a).contiguous();
+      inv_b = inv_norms(b).contiguous();
+    }
+    const int64_t de = dim + pad, col_tiles = ceil_div(sched.m, tn), row_tiles = ceil_div(sched.n, tm);
+    const auto word_opts = a.options().dtype(at::kInt);
+    b_logits = at::empty({col_tiles, de / 2 * tn16}, word_opts);
+    if (backward) {
+      b_rows = at::empty({col_tiles, ceil_div(tn, 2) * d16}, word_opts);
+      a_rows = at::empty({row_tiles, ceil_div(tm, 2) * d16}, word_opts);
+      p16 = at::empty({sched.chunks, tm * (tn + 1)}, a.options().dtype(at::kBFloat16));
+      p_pairs = at::empty({sched.chunks, ceil_div(tm, 2) * tn16}, word_opts);
+    }
+    const uint16_t* b_ptr = halves(b16);
+    const uint16_t* a_ptr = halves(a16);
+    at::parallel_for(0, col_tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t cols = std::min(tn, sched.m - t * tn);
+        k.pack_transposed(b_ptr + t * tn * de, cols, de, de, words(b_logits[t]), tn16);
+        if (backward) k.pack_rows(b_ptr + t * tn * de, cols, dim, de, words(b_rows[t]), d16);
+      }
+    });
+    if (backward) {
+      at::parallel_for(0, row_tiles, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t rows = std::min(tm, sched.n - t * tm);
+          k.pack_rows(a_ptr + t * tm * de, rows, dim, de, words(a_rows[t]), d16);
+        }
+      });
+    }
+  }
+
+  int64_t d() const { return dim; }
+  at::TensorOptions options() const { return a16.options().dtype(at::kFloat); }
+
+  void logits(int64_t, Tensor& s, int64_t i0, int64_t j0) const {
+    const int64_t de2 = a16.size(1) / 2;
+    const float* ra = floats(inv_a);
+    const float* rb = floats(inv_b);
+    k.gemm(s.size(0), s.size(1), de2, words(a16) + i0 * de2, de2, 1, words(b_logits[j0 / tn]), tn16, scale,
+           ra ? ra + i0 : nullptr, rb ? rb + j0 : nullptr, false, s.data_ptr<float>(), s.size(1));
+  }
+
+  void p_products(int64_t c, const Tensor& p, int64_t i0, int64_t j0, Tensor* pb_i, bool add_pb, Tensor* pa_c,
+                  bool add_pa) const {
+    const int64_t rows = p.size(0), cols = p.size(1), even = cols + (cols & 1);
+    uint16_t* rounded = halves(p16[c]);
+    uint32_t* pairs = words(p_pairs[c]);
+    const float* ra = floats(inv_a);
+    const float* rb = floats(inv_b);
+    // Products with the normalized operands: P's columns times B's inverse norms, its rows times A's.
+    k.round_p(p.data_ptr<float>(), rows, cols, cols, ra ? ra + i0 : nullptr, rb ? rb + j0 : nullptr, rounded, pairs,
+              tn16);
+    if (pb_i) {  // (rows, D) (+)= P (rows, cols) @ B_j (cols, D)
+      k.gemm(rows, dim, even / 2, reinterpret_cast<const uint32_t*>(rounded), even / 2, 1, words(b_rows[j0 / tn]),
+             d16, 1.0f, nullptr, nullptr, add_pb, pb_i->data_ptr<float>(), dim);
+    }
+    if (pa_c) {  // (cols, D) (+)= P^T (cols, rows) @ A_i (rows, D)
+      k.gemm(cols, dim, ceil_div(rows, 2), pairs, 1, tn16, words(a_rows[i0 / tm]), d16, 1.0f, nullptr, nullptr,
+             add_pa, pa_c->data_ptr<float>(), dim);
+    }
+  }
+};
+
 // Forward schedule: calls visit(c, i0, j0, s) on every tile s = scale * A_i @ B_j^T
 // of S, in the thread of chunk c (rows i0.., columns j0..), row tile by row tile.
-template <typename Visit>
-void forward_tiles(const Schedule& sched, const Tensor& ah, const Tensor& bh, double scale, Visit&& visit) {
-  Tensor tiles = at::empty({sched.chunks, sched.tm * sched.tn}, ah.options());
+template <class Products, typename Visit>
+void forward_tiles(const Schedule& sched, const Products& products, Visit&& visit) {
+  Tensor tiles = at::empty({sched.chunks, sched.tm * sched.tn}, products.options());
   // Worker threads get the caller's dispatch state (inference mode, ...) for the ATen calls.
   const at::ThreadLocalState state;
   at::parallel_for(0, sched.chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -107,11 +226,10 @@ void forward_tiles(const Schedule& sched, const Tensor& ah, const Tensor& bh, do
       const auto [r0, r1] = sched.rows_of(c);
       for (int64_t i0 = r0; i0 < r1; i0 += sched.tm) {
         const int64_t rows = std::min(sched.tm, r1 - i0);
-        const Tensor a_i = ah.narrow(0, i0, rows);
         for (int64_t j0 = 0; j0 < sched.m; j0 += sched.tn) {
           const int64_t cols = std::min(sched.tn, sched.m - j0);
           Tensor s = tile_view(tiles[c], rows, cols);
-          at::addmm_out(s, s, a_i, bh.narrow(0, j0, cols).t(), /*beta=*/0, /*alpha=*/scale);
+          products.logits(c, s, i0, j0);
           visit(c, i0, j0, s);
         }
       }
@@ -125,16 +243,15 @@ void forward_tiles(const Schedule& sched, const Tensor& ah, const Tensor& bh, do
 // per-thread partial, summed after the column tile. pb and pa: (N, D), (M, D);
 // a product not wanted (`compute_pb`, `compute_pa` false: a frozen side) is
 // not computed, and its tensor is not touched.
-template <typename ToP>
-void backward_tiles(const Schedule& sched, const Tensor& ah, const Tensor& bh, double scale, Tensor& pb,
-                    Tensor& pa, ToP&& to_p, bool compute_pb = true, bool compute_pa = true) {
-  Tensor tiles = at::empty({sched.chunks, sched.tm * sched.tn}, ah.options());
+template <class Products, typename ToP>
+void backward_tiles(const Schedule& sched, const Products& products, Tensor& pb, Tensor& pa, ToP&& to_p,
+                    bool compute_pb = true, bool compute_pa = true) {
+  Tensor tiles = at::empty({sched.chunks, sched.tm * sched.tn}, products.options());
   // Chunk 0 accumulates straight into pa; the others into their own partial.
-  Tensor partials = at::empty({compute_pa ? sched.chunks - 1 : 0, sched.tn, ah.size(1)}, ah.options());
+  Tensor partials = at::empty({compute_pa ? sched.chunks - 1 : 0, sched.tn, products.d()}, products.options());
   const at::ThreadLocalState state;
   for (int64_t j0 = 0; j0 < sched.m; j0 += sched.tn) {
     const int64_t cols = std::min(sched.tn, sched.m - j0);
-    const Tensor b_j = bh.narrow(0, j0, cols);
     Tensor pa_j = compute_pa ? pa.narrow(0, j0, cols) : pa;
     at::parallel_for(0, sched.chunks, 1, [&](int64_t c0, int64_t c1) {
       at::ThreadLocalStateGuard guard(state);
@@ -143,15 +260,12 @@ void backward_tiles(const Schedule& sched, const Tensor& ah, const Tensor& bh, d
         Tensor pa_c = c == 0 || !compute_pa ? pa_j : partials[c - 1].narrow(0, 0, cols);
         for (int64_t i0 = r0; i0 < r1; i0 += sched.tm) {
           const int64_t rows = std::min(sched.tm, r1 - i0);
-          const Tensor a_i = ah.narrow(0, i0, rows);
           Tensor p = tile_view(tiles[c], rows, cols);
-          at::addmm_out(p, p, a_i, b_j.t(), /*beta=*/0, /*alpha=*/scale);
+          products.logits(c, p, i0, j0);
           to_p(i0, j0, p);
-          if (compute_pb) {
-            Tensor pb_i = pb.narrow(0, i0, rows);
-            at::addmm_out(pb_i, pb_i, p, b_j, /*beta=*/j0 == 0 ? 0 : 1, /*alpha=*/1);
-          }
-          if (compute_pa) at::addmm_out(pa_c, pa_c, p.t(), a_i, /*beta=*/i0 == r0 ? 0 : 1, /*alpha=*/1);
+          Tensor pb_i = compute_pb ? pb.narrow(0, i0, rows) : pb;
+          products.p_products(c, p, i0, j0, compute_pb ? &pb_i : nullptr, j0 != 0, compute_pa ? &pa_c : nullptr,
+                              i0 != r0);
         }
       }
     });
@@ -204,13 +318,44 @@ TileExclusions<T> with_group_hits(const TileExclusions<T>& all, const Schedule& 
   return out;
 }
 
+// The inputs of a call and their operands in the compute dtype (normalized when asked).
+struct Operands {
+  const Tensor& a;
+  const Tensor& b;
+  bool normalize;
+  Tensor ah, bh;
+
+  Operands(const Tensor& a_, const Tensor& b_, bool normalize_)
+      : a(a_), b(b_), normalize(normalize_) {
+    const auto dtype = compute_dtype(a.scalar_type());
+    ah = scaled_operand(a, normalize, dtype);
+    bh = scaled_operand(b, normalize, dtype);
+  }
+};
+
+// Calls run(products) with the tile products for these operands (compute dtype
+// T): the bf16 ones for bf16 inputs where this CPU has them (bf16_products(),
+// gemm_bf16.h), else BLAS on the compute-dtype operands.
+template <typename T, typename Run>
+void with_products(const Operands& x, double scale, const Schedule& sched, bool backward, Run&& run) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (x.a.scalar_type() == at::kBFloat16) {
+      if (const Bf16Products* kernels = bf16_products()) {
+        run(Bf16TileProducts(*kernels, x.a, x.b, x.normalize, scale, sched, backward));
+        return;
+      }
+    }
+  }
+  run(BlasProducts{x.ah, x.bh, scale});
+}
+
 // `rules` null: the unmasked primitive.
 template <typename T>
-void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileExclusions<T>* rules, Tensor& row_lse,
-                  Tensor& col_lse) {
-  const int64_t n = ah.size(0), m = bh.size(0);
+void lse_fwd_impl(const Operands& x, double scale,
+                  const TileExclusions<T>* rules, Tensor& row_lse, Tensor& col_lse) {
+  const int64_t n = x.ah.size(0), m = x.bh.size(0);
   const Schedule sched(n, m);
-  const auto opts = ah.options();
+  const auto opts = x.ah.options();
   constexpr double kInf = std::numeric_limits<double>::infinity();
   Tensor row_max = at::full({n}, -kInf, opts), row_sum = at::zeros({n}, opts);
   Tensor col_max = at::full({sched.chunks, m}, -kInf, opts), col_sum = at::zeros({sched.chunks, m}, opts);
@@ -223,7 +368,7 @@ void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileEx
   T* scratch = work.data_ptr<T>();
   std::vector<uint8_t> hits;
   const TileExclusions<T> all = rules ? with_group_hits(*rules, sched, hits) : TileExclusions<T>{};
-  forward_tiles(sched, ah, bh, scale, [&](int64_t c, int64_t i0, int64_t j0, const Tensor& s) {
+  auto fold = [&](int64_t c, int64_t i0, int64_t j0, const Tensor& s) {
     T* work_c = scratch + c * (sched.tm + sched.tn);
     if (rules == nullptr) {
       ops.fold_stats(s.data_ptr<T>(), s.size(0), s.size(1), s.size(1), rmax + i0, rsum + i0, cmax + c * m + j0,
@@ -232,6 +377,9 @@ void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileEx
       ops.fold_stats_masked(s.data_ptr<T>(), s.size(0), s.size(1), s.size(1), rmax + i0, rsum + i0,
                             cmax + c * m + j0, csum + c * m + j0, work_c, for_tile(all, i0, j0, sched.tn));
     }
+  };
+  with_products<T>(x, scale, sched, false, [&](const auto& products) {
+    forward_tiles(sched, products, fold);
   });
 
   at::add_out(row_lse, row_max, row_sum.log());
@@ -245,10 +393,10 @@ void lse_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileEx
 // `rules` null: the unmasked primitive; else row_lse and col_lse are shifts
 // (tile_ops.h softmax_grad_masked).
 template <typename T>
-void lse_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileExclusions<T>* rules,
+void lse_bwd_impl(const Operands& x, double scale, const TileExclusions<T>* rules,
                   const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row, const Tensor& g_col,
                   Tensor& pb, Tensor& pa, bool compute_pb = true, bool compute_pa = true) {
-  const Schedule sched(ah.size(0), bh.size(0));
+  const Schedule sched(x.ah.size(0), x.bh.size(0));
   const TileOps<T>& ops = tile_ops<T>();
   const T* rl = row_lse.data_ptr<T>();
   const T* gr = g_row.data_ptr<T>();
@@ -264,29 +412,38 @@ void lse_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, const TileEx
                               gc + j0, for_tile(all, i0, j0, sched.tn));
     }
   };
-  backward_tiles(sched, ah, bh, scale, pb, pa, to_p, compute_pb, compute_pa);
-}
-
-template <typename T>
-void siglip_fwd_impl(const Tensor& ah, const Tensor& bh, double scale, T bias, bool positives, Tensor& row) {
-  const Schedule sched(ah.size(0), bh.size(0));
-  const TileOps<T>& ops = tile_ops<T>();
-  T* loss = row.data_ptr<T>();
-  forward_tiles(sched, ah, bh, scale, [&](int64_t, int64_t i0, int64_t j0, const Tensor& s) {
-    ops.siglip_loss(s.data_ptr<T>(), s.size(0), s.size(1), s.size(1), bias, positives, i0 - j0, loss + i0);
+  with_products<T>(x, scale, sched, true, [&](const auto& products) {
+    backward_tiles(sched, products, pb, pa, to_p, compute_pb, compute_pa);
   });
 }
 
 template <typename T>
-void siglip_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, T bias, bool positives,
+void siglip_fwd_impl(const Operands& x, double scale, T bias, bool positives,
+                     Tensor& row) {
+  const Schedule sched(x.ah.size(0), x.bh.size(0));
+  const TileOps<T>& ops = tile_ops<T>();
+  T* loss = row.data_ptr<T>();
+  auto add_loss = [&](int64_t, int64_t i0, int64_t j0, const Tensor& s) {
+    ops.siglip_loss(s.data_ptr<T>(), s.size(0), s.size(1), s.size(1), bias, positives, i0 - j0, loss + i0);
+  };
+  with_products<T>(x, scale, sched, false, [&](const auto& products) {
+    forward_tiles(sched, products, add_loss);
+  });
+}
+
+template <typename T>
+void siglip_bwd_impl(const Operands& x, double scale, T bias, bool positives,
                      const Tensor& g_row, Tensor& pb, Tensor& pa, Tensor& p_row) {
-  const Schedule sched(ah.size(0), bh.size(0));
+  const Schedule sched(x.ah.size(0), x.bh.size(0));
   const TileOps<T>& ops = tile_ops<T>();
   const T* gr = g_row.data_ptr<T>();
   T* pr = p_row.data_ptr<T>();
-  backward_tiles(sched, ah, bh, scale, pb, pa, [&](int64_t i0, int64_t j0, Tensor& p) {
+  auto to_p = [&](int64_t i0, int64_t j0, Tensor& p) {
     ops.siglip_grad(p.data_ptr<T>(), p.size(0), p.size(1), p.size(1), bias, positives, i0 - j0, gr + i0,
                     pr + i0);
+  };
+  with_products<T>(x, scale, sched, true, [&](const auto& products) {
+    backward_tiles(sched, products, pb, pa, to_p);
   });
 }
 
@@ -295,12 +452,13 @@ void siglip_bwd_impl(const Tensor& ah, const Tensor& bh, double scale, T bias, b
 std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize) {
   check_lse_fwd(a, b, scale);
   const auto dtype = compute_dtype(a.scalar_type());
-  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const Operands x(a, b, normalize);
+  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
   Tensor row_lse = at::empty({a.size(0)}, ah.options());
   Tensor col_lse = at::empty({b.size(0)}, ah.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_lse_fwd", [&] {
-    lse_fwd_impl<scalar_t>(ah, bh, alpha, nullptr, row_lse, col_lse);
+    lse_fwd_impl<scalar_t>(x, alpha, nullptr, row_lse, col_lse);
   });
   return {row_lse, col_lse};
 }
@@ -310,12 +468,13 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
                                    const Tensor& g_col) {
   check_lse_bwd(a, b, scale, row_lse, col_lse, g_row, g_col);
   const auto dtype = compute_dtype(a.scalar_type());
-  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const Operands x(a, b, normalize);
+  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
   auto vec = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
-  Tensor pb = at::empty_like(ah), pa = at::empty_like(bh);
+  Tensor pb = at::empty_like(ah), pa = at::empty_like(x.bh);
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_lse_bwd", [&] {
-    lse_bwd_impl<scalar_t>(ah, bh, alpha, nullptr, vec(row_lse), vec(col_lse), vec(g_row), vec(g_col), pb, pa);
+    lse_bwd_impl<scalar_t>(x, alpha, nullptr, vec(row_lse), vec(col_lse), vec(g_row), vec(g_col), pb, pa);
   });
   return {pb, pa};
 }
@@ -375,14 +534,15 @@ Tensor as_shift(const Tensor& lse, at::ScalarType dtype) {
 std::tuple<Tensor, Tensor> masked_lse_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, bool normalize,
                                           const Exclusions& rules) {
   const auto dtype = compute_dtype(a.scalar_type());
-  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const Operands x(a, b, normalize);
+  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
   const PreparedRules prepared(rules, dtype);
   Tensor row_lse = at::empty({a.size(0)}, ah.options());
   Tensor col_lse = at::empty({b.size(0)}, ah.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_masked_lse_fwd", [&] {
     const TileExclusions<scalar_t> tile_rules = prepared.whole<scalar_t>();
-    lse_fwd_impl<scalar_t>(ah, bh, alpha, prepared.any() ? &tile_rules : nullptr, row_lse, col_lse);
+    lse_fwd_impl<scalar_t>(x, alpha, prepared.any() ? &tile_rules : nullptr, row_lse, col_lse);
   });
   return {row_lse, col_lse};
 }
@@ -391,16 +551,17 @@ std::tuple<Tensor, Tensor> masked_lse_bwd(const Tensor& a, const Tensor& b, cons
                                           const Exclusions& rules, const Tensor& row_lse, const Tensor& col_lse,
                                           const Tensor& g_row, const Tensor& g_col, bool compute_pb, bool compute_pa) {
   const auto dtype = compute_dtype(a.scalar_type());
-  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const Operands x(a, b, normalize);
+  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
   const PreparedRules prepared(rules, dtype);
   auto vec = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
   Tensor pb = compute_pb ? at::empty_like(ah) : at::empty({0}, ah.options());
-  Tensor pa = compute_pa ? at::empty_like(bh) : at::empty({0}, ah.options());
+  Tensor pa = compute_pa ? at::empty_like(x.bh) : at::empty({0}, ah.options());
   if (!compute_pb && !compute_pa) return {pb, pa};
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_masked_lse_bwd", [&] {
     const TileExclusions<scalar_t> tile_rules = prepared.whole<scalar_t>();
-    lse_bwd_impl<scalar_t>(ah, bh, alpha, prepared.any() ? &tile_rules : nullptr, as_shift(row_lse, dtype),
+    lse_bwd_impl<scalar_t>(x, alpha, prepared.any() ? &tile_rules : nullptr, as_shift(row_lse, dtype),
                            as_shift(col_lse, dtype),
                            vec(g_row), vec(g_col), pb, pa, compute_pb, compute_pa);
   });
@@ -411,11 +572,12 @@ Tensor siglip_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, const T
                   bool positives_on_diagonal) {
   check_siglip_fwd(a, b, scale, bias);
   const auto dtype = compute_dtype(a.scalar_type());
-  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const Operands x(a, b, normalize);
+  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
   Tensor row = at::zeros({a.size(0)}, ah.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_siglip_fwd", [&] {
-    siglip_fwd_impl<scalar_t>(ah, bh, alpha, bias.item<scalar_t>(), positives_on_diagonal, row);
+    siglip_fwd_impl<scalar_t>(x, alpha, bias.item<scalar_t>(), positives_on_diagonal, row);
   });
   return row;
 }
@@ -425,11 +587,12 @@ std::tuple<Tensor, Tensor, Tensor> siglip_bwd(const Tensor& a, const Tensor& b, 
                                               const Tensor& g_row) {
   check_siglip_bwd(a, b, scale, bias, g_row);
   const auto dtype = compute_dtype(a.scalar_type());
-  const Tensor ah = scaled_operand(a, normalize, dtype), bh = scaled_operand(b, normalize, dtype);
+  const Operands x(a, b, normalize);
+  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
-  Tensor pb = at::empty_like(ah), pa = at::empty_like(bh), p_row = at::zeros({a.size(0)}, ah.options());
+  Tensor pb = at::empty_like(ah), pa = at::empty_like(x.bh), p_row = at::zeros({a.size(0)}, ah.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_siglip_bwd", [&] {
-    siglip_bwd_impl<scalar_t>(ah, bh, alpha, bias.item<scalar_t>(), positives_on_diagonal,
+    siglip_bwd_impl<scalar_t>(x, alpha, bias.item<scalar_t>(), positives_on_diagonal,
                               g_row.to(dtype).contiguous(), pb, pa, p_row);
   });
   return {pb, pa, p_row};
@@ -448,7 +611,7 @@ Tensor similarity_fwd(const Tensor& a, const Tensor& b, const Tensor& scale) {
   }
   // fp16/bf16 output: fp32 tiles, each rounded once into the output, so no
   // N x M fp32 temporary.
-  forward_tiles(Schedule(n, m), ah, bh, alpha, [&](int64_t, int64_t i0, int64_t j0, const Tensor& s) {
+  forward_tiles(Schedule(n, m), BlasProducts{ah, bh, alpha}, [&](int64_t, int64_t i0, int64_t j0, const Tensor& s) {
     out.narrow(0, i0, s.size(0)).narrow(1, j0, s.size(1)).copy_(s);
   });
   return out;

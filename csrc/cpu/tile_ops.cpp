@@ -5,7 +5,10 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <limits>
 
 namespace mmkernels::cpu {
@@ -194,6 +197,18 @@ SimdVariant generic_variant() { return {true, generic_tile_ops<float>()}; }
 const Variant kVariants[] = {{"avx512", avx512_tile_ops}, {"avx2", avx2_tile_ops}, {"generic", generic_variant}};
 
 TileOps<float> best_f32() {
+  // MMKERNELS_CPU_ISA forces one (tests of every path a machine runs); an unknown or
+  // unsupported name is an error at the first float call.
+  const char* forced = std::getenv("MMKERNELS_CPU_ISA");
+  if (forced != nullptr && *forced != 0) {
+    for (const Variant& v : kVariants) {
+      if (std::strcmp(v.name, forced) != 0) continue;
+      SimdVariant made = v.make();
+      if (made.available && cpu_supports(v.name)) return made.ops;
+    }
+    throw std::invalid_argument(std::string("MMKERNELS_CPU_ISA=") + forced +
+                                ": not an instruction set this CPU runs (avx512, avx2 or generic)");
+  }
   for (const Variant& v : kVariants) {
     SimdVariant made = v.make();
     if (made.available && cpu_supports(v.name)) return made.ops;
