@@ -161,6 +161,14 @@ def environment(device: str | None = None) -> dict:
         triton_version = None
     import mmkernels
 
+    cpu_kernels = None
+    if device_type == "cpu":
+        from mmkernels import _extension
+        if _extension.cpu_built():
+            from mmkernels import compiled
+            # Which products and instruction set each dtype's CPU kernels run (docs/cpu-bf16.md).
+            cpu_kernels = " ".join(f"{dtype}:{path['products']}/{path['elementwise']}"
+                                   for dtype, path in compiled.cpu_kernel_paths().items() if dtype != "float64")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
@@ -172,6 +180,7 @@ def environment(device: str | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "device_type": device_type,
         "cuda": torch.version.cuda,
+        "cpu_kernels": cpu_kernels,
         "run_id": run_id(),
     }
 

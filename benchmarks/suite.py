@@ -45,7 +45,13 @@ def secondary_cases(device: str, quick: bool) -> list[Case]:
         return [Case(1024, 1024, 64, "float32")]
     if device == "cuda":
         return [Case(n, n, 768, dtype) for dtype in ("bfloat16", "float32") for n in (8192, 32768)]
-    return [Case(n, n, 512, "float32") for n in (2048, 4096)]
+    return [Case(n, n, 512, "float32") for n in (2048, 4096)] + half_cases_cpu()
+
+
+def half_cases_cpu() -> list[Case]:
+    """The bf16 and fp16 rows of the CPU suites (the sizes of the bf16 targets,
+    bench_contrastive.TARGETS), each beside its same-dtype matmul floor."""
+    return [Case(8192, 8192, 512, dtype) for dtype in ("bfloat16", "float16")]
 
 
 def available(names: list[str], wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
@@ -142,6 +148,8 @@ class OpSuite(Suite):
         run = _OpRun(self, options)
         print(f"\n== {self.title}: {len(cases)} sizes x {len(impls)} implementations on {run.env['device']}, "
               f"torch {run.env['torch']} ==", flush=True)
+        if run.env.get("cpu_kernels"):
+            print(f"   (C++ CPU kernels, dtype:products/elementwise: {run.env['cpu_kernels']})", flush=True)
         for name, why in notes.items():
             print(f"   (left out: {name}: {why})")
         print(run.table.header(), flush=True)
