@@ -34,6 +34,7 @@ DEFAULT_TILES = None  # the library's tile shapes, restored for the memory case
 
 # name -> (options, normalize, logit_scale)
 SETTINGS = {
+    "smoothing": (dict(label_smoothing=0.1), True, 10.0),  # no option: the baseline
     "margin": (dict(false_negative_margin=0.5), True, 10.0),
     "margin_dot": (dict(false_negative_margin=-0.2), False, 0.5),
     "positives": (dict(groups=True), True, 10.0),
@@ -69,8 +70,9 @@ def cases(world: int, backend_names: list[str]) -> list[str]:
         names += [f"frozen-{backend}-ring-{s}-{side}" for s in ("positives_smoothing", "exclude_margin")
                   for side in ("image", "text")]
     names += [f"loss-naive-gather-uneven-{s}" for s in ("exclude_margin", "positives", "debias")]
-    names += ["nograd-ring-positives", "frozen-mixed-ring-positives", "ddp-ring", "ddp-gather",
-              "twice-same-graph"]
+    names += ["nograd-ring-positives", "ddp-ring", "ddp-gather", "twice-same-graph"]
+    names += [f"frozen-mixed-{strategy}-{s}" for strategy in ("ring", "gather")
+              for s in ("smoothing", "positives", "exclude_smoothing_dot", "debias_dot")]
     names += [f"error-{what}" for what in ERRORS] + ["after-errors"]
     return names + (["memory-ring-options"] if world == 2 else [])
 
@@ -160,10 +162,11 @@ def _global_options(setting, ids):
 
 
 def frozen_case(name, world, rank, mmdist):
-    """One tower frozen on every rank ("frozen-BACKEND-ring-SETTING-SIDE"), or, for
-    "frozen-mixed", the image tower trained on rank 0 only: the gradients that exist
-    are the full backward's, and no rank waits on a collective another skipped."""
-    _, backend, _, setting, *side = name.split("-")
+    """One tower frozen on every rank ("frozen-BACKEND-STRATEGY-SETTING-SIDE"), or, for
+    "frozen-mixed-STRATEGY-SETTING", the image tower trained on rank 0 only: the
+    gradients that exist are the full backward's (the scale's too), and no rank waits
+    on a collective another skipped."""
+    _, backend, strategy, setting, *side = name.split("-")
     side = side[0] if side else "mixed"
     backend = "auto" if backend == "mixed" else backend
     sizes = layouts(world)["uneven"]
@@ -172,8 +175,8 @@ def frozen_case(name, world, rank, mmdist):
     image_trains = {"image": False, "text": True, "mixed": rank == 0}[side]
     text_trains = side != "text"
     got = run_ours(mmdist, shard(a, sizes, rank), shard(b, sizes, rank), scale,
-                   image_trains=image_trains, text_trains=text_trains, normalize=normalize,
-                   backend=backend, **options)
+                   image_trains=image_trains, text_trains=text_trains, strategy=strategy,
+                   normalize=normalize, backend=backend, **options)
     want = list(reference(a, b, scale, sizes, rank, _global_options(setting, ids), normalize))
     if not image_trains:
         want[1] = None

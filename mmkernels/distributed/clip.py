@@ -417,8 +417,9 @@ def _per_pair(strategy: _Ring, a, b, scale, normalize, label_smoothing, group_mo
             rules = _Exclusions(ring, n, a.device, own_positive=True,
                                 home_thresholds=home_thresholds, thresholds=thresholds)
         row_lse, col_lse = strategy.statistics(rules)
+        trains = agreed.image_trains or agreed.text_trains  # (either side's total comes here)
         return pair_losses(a, b, row_lse, col_lse, scale, normalize, label_smoothing, n=total,
-                           batch_sum=lambda v: SumOverRanks.apply(v, ring))
+                           batch_sum=lambda v: SumOverRanks.apply(_taking_part(v, trains), ring))
 
     ids = gather_rows(agreed.groups.unsqueeze(1), ring).squeeze(1).contiguous()
     rules = None
