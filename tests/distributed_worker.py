@@ -340,9 +340,10 @@ class TwoTowers(torch.nn.Module):
         return self.image(x), self.text(y), self.log_scale.exp()
 
 
-def ddp_case(name, world, rank, mmdist):
-    """DDP's averaged parameter gradients equal the single-process full-batch ones."""
-    strategy = name.split("-")[1]
+def ddp_matches_single_process(name, world, rank, ours, theirs):
+    """DDP's averaged parameter gradients equal the single-process full-batch ones:
+    ``ours(image_features, text_features, scale)`` of this rank's shard (uneven
+    shards) through DDP against ``theirs(...)`` of the whole batch in fp64."""
     sizes = layouts(world)["uneven"]
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(sum(sizes), 7, generator=gen), torch.randn(sum(sizes), 5, generator=gen)
@@ -351,16 +352,22 @@ def ddp_case(name, world, rank, mmdist):
     single = TwoTowers().double()
     single.load_state_dict(model.state_dict())
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    fi, ft, s = ddp(shard(x, sizes, rank), shard(y, sizes, rank))
-    loss = mmdist.contrastive_loss(fi, ft, s, strategy=strategy, normalize=True,
-                                   label_smoothing=0.05)
+    loss = ours(*ddp(shard(x, sizes, rank), shard(y, sizes, rank)))
     loss.backward()
-    fi, ft, s = single(x.double(), y.double())
-    want = reference.contrastive(fi, ft, s, True, 0.05)
+    want = theirs(*single(x.double(), y.double()))
     want.backward()
     assert_matches(loss.detach(), want.detach(), torch.float32, f"{name} loss")
     for (pname, p), q in zip(model.named_parameters(), single.parameters()):
         assert_matches(p.grad, q.grad, torch.float32, f"{name} grad of {pname}")
+
+
+def ddp_case(name, world, rank, mmdist):
+    strategy = name.split("-")[1]
+    ddp_matches_single_process(
+        name, world, rank,
+        lambda fi, ft, s: mmdist.contrastive_loss(fi, ft, s, strategy=strategy, normalize=True,
+                                                  label_smoothing=0.05),
+        lambda fi, ft, s: reference.contrastive(fi, ft, s, True, 0.05))
 
 
 def expect_error(fn, kind, *words):
@@ -482,6 +489,24 @@ def join_world():
     return world, rank, out_dir, backend_names
 
 
+def use_test_tiles(tiles: tuple) -> dict:
+    """The torch backend's tiles set to ``tiles`` on every device (small tiles: small
+    shards straddle tile edges); returns the library's, for a case that needs them."""
+    from mmkernels.ops import _common
+
+    default, _common.TILE_SHAPE = _common.TILE_SHAPE, {"cpu": tiles, "cuda": tiles}
+    return default
+
+
+def run_by_prefix(name: str, table, *args):
+    """Run the case ``name`` by the first (prefix, function) of ``table`` it starts with:
+    ``function(name, *args)``."""
+    for prefix, run in table:
+        if name.startswith(prefix):
+            return run(name, *args)
+    raise AssertionError(f"unknown case {name}")
+
+
 def run_and_report(names, run_one, rank: int, out_dir: str, seconds: dict | None = None, **extra):
     """Run each case ``run_one(name)`` (seed 0), recording its traceback or None and its
     time, then write this rank's report (plus ``extra`` fields) and leave the group."""
@@ -504,11 +529,9 @@ def main():
     world, rank, out_dir, backend_names = join_world()
     import mmkernels
     from mmkernels import distributed as mmdist
-    from mmkernels.ops import _common
 
     global DEFAULT_TILES
-    DEFAULT_TILES = _common.TILE_SHAPE
-    _common.TILE_SHAPE = {"cpu": TILES, "cuda": TILES}
+    DEFAULT_TILES = use_test_tiles(TILES)
     open_clip_loss = open_clip_loss_module()
     run_and_report(cases(world, backend_names),
                    lambda name: run_case(name, world, rank, mmkernels, mmdist, open_clip_loss),

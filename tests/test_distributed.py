@@ -41,15 +41,25 @@ TILED = [name for name in backends_under_test() if name in ("torch", "cpu")]
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
-@functools.lru_cache(maxsize=None)
-def run_world(world: int) -> dict:
-    """Rank -> report (case -> failure or None) of the worker group of ``world``
-    processes, run once; a group that failed as a whole fails every test of that
-    world with the same message, without running again."""
-    try:
-        return _run_world(world)
-    except AssertionError as failure:
-        return {"failed": str(failure)}
+def cached_worlds(worker: Path):
+    """``run_world(world)`` for the worker script ``worker``: rank -> report (case ->
+    failure or None) of its group of ``world`` processes, run once; a group that
+    failed as a whole fails every test of that world with the same message, without
+    running again."""
+    @functools.lru_cache(maxsize=None)
+    def run_world(world: int) -> dict:
+        try:
+            return _run_world(world, worker)
+        except AssertionError as failure:
+            return {"failed": str(failure)}
+    return run_world
+
+
+def assert_case_passed(reports: dict, case: str) -> None:
+    """The case passed on every rank of a world's reports."""
+    assert "failed" not in reports, reports.get("failed")
+    failures = {rank: report[case] for rank, report in reports.items() if report.get(case)}
+    assert not failures, "\n".join(f"rank {rank}:\n{text}" for rank, text in failures.items())
 
 
 def _run_world(world: int, worker: Path = WORKER) -> dict:
@@ -94,6 +104,9 @@ def _run_world(world: int, worker: Path = WORKER) -> dict:
     return reports
 
 
+run_world = cached_worlds(WORKER)
+
+
 def params():
     out = []
     for world in WORLDS:
@@ -105,10 +118,7 @@ def params():
 @pytest.mark.timeout(WORLD_TIMEOUT + 60)
 @pytest.mark.parametrize("world,case", params())
 def test_distributed(world, case):
-    reports = run_world(world)
-    assert "failed" not in reports, reports.get("failed")
-    failures = {rank: report[case] for rank, report in reports.items() if report.get(case)}
-    assert not failures, "\n".join(f"rank {rank}:\n{text}" for rank, text in failures.items())
+    assert_case_passed(run_world(world), case)
 
 
 def test_open_clip_was_compared_when_installed():

@@ -1,6 +1,7 @@
 """The losses of a global batch spread over torch.distributed ranks.
 
-- :func:`contrastive_loss`: the symmetric CLIP loss of the global batch, by a
+- :func:`contrastive_loss`: the symmetric CLIP loss of the global batch (with
+  the single-process loss's margin, groups and debiasing options), by a
   point-to-point ring (O(local_N * D) per rank) or an all-gather
   (clip.py explains the maths and the strategies);
 - :func:`clip_loss`: what :class:`mmkernels.ClipLoss` runs for world_size > 1
@@ -9,8 +10,9 @@
   every rank, by ring exchange (siglip.py).
 
 Shared pieces: _ring.py (the ring of ranks and its point-to-point messages),
-_autograd.py (the differentiable all-gather and sums over ranks), _kernels.py
-(the tile kernels the rings run).
+_lse_ring.py (the ring of the logsumexp primitive, masked or not: the CLIP and
+embedding losses'), _autograd.py (the differentiable all-gather, sums over
+ranks and group sums), _kernels.py (the tile kernels the rings run).
 """
 
 from mmkernels.distributed.clip import STRATEGIES, clip_loss, contrastive_loss

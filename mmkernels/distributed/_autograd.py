@@ -1,5 +1,6 @@
 """Differentiable collectives of the distributed losses: identity-like forwards,
-chosen backwards (open_clip's gather_with_grad semantics)."""
+chosen backwards (open_clip's gather_with_grad semantics), and the group sums
+over ranks of the grouped contrastive loss (a ring, its own adjoint)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmkernels.distributed._ring import Ring
+from mmkernels.distributed._ring import Ring, Slots
 
 
 def _summed(x: Tensor, ring: Ring) -> Tensor:
@@ -101,3 +102,57 @@ class SumOverRanks(_collective(_summed, _summed)):
 class AllGather(_collective(gather_rows, summed_own_rows)):
     """All ranks' rows, concatenated; the backward sums each rank's gradient of the
     whole over ranks and returns this rank's rows (open_clip's gather_with_grad)."""
+
+
+def _matching_sums(block: Tensor, block_ids: Tensor, home_ids: Tensor) -> Tensor:
+    """Row i: the sum of the rows of ``block`` whose id equals ``home_ids[i]`` (0 where
+    none does). The block's rows are summed per id after a sort (renumbered 0, 1, ...
+    in order of value), and each home id finds its group by a binary search: memory
+    O((rows of block + home rows) * D), no home x block comparison."""
+    values, order = torch.sort(block_ids)
+    first = torch.ones_like(values, dtype=torch.bool)  # where a new id starts, in sorted order
+    first[1:] = values[1:] != values[:-1]
+    group = first.cumsum(0) - 1  # the group of each sorted row
+    totals = block.new_zeros(block.shape).index_add_(0, group, block[order])
+    at = torch.searchsorted(values, home_ids).clamp_max(values.shape[0] - 1)
+    found = (values[at] == home_ids).unsqueeze(1)
+    return torch.where(found, totals[group[at]], 0.0)
+
+
+def group_sums(x: Tensor, home_ids: Tensor, ids: Tensor, ring: Ring) -> Tensor:
+    """Row i of this rank: the sum of ``x`` over the rows of every rank whose id (``ids``,
+    (N,), all ranks' in rank order) equals ``home_ids[i]``, not differentiable. Every
+    rank's ``x`` goes once round the ring (the next block sent while the current one
+    is summed), so a rank holds two blocks and its (n, D) result, whatever W."""
+    d = x.shape[1]
+    out = torch.zeros_like(x)
+    block, blocks = x.contiguous(), Slots(2, max(ring.sizes) * d, x)
+    for step in range(ring.size):
+        v = ring.visiting(step)
+        sends, receives, incoming = [], [], None
+        if step < ring.size - 1:  # send this block on, receive the next
+            incoming = blocks.take(step, ring.sizes[ring.visiting(step + 1)], d)
+            sends, receives = [(block, 1)], [(incoming, -1)]
+        pending = ring.start(sends, receives)
+        start = sum(ring.sizes[:v])
+        out += _matching_sums(block, ids[start:start + ring.sizes[v]], home_ids)
+        pending.wait()
+        block = incoming
+    return out
+
+
+class GroupSumOverRanks(torch.autograd.Function):
+    """:func:`group_sums` of ``x``. Its matrix ``[id_i == id_j]`` over the global rows is
+    symmetric, so the backward is the same ring on the upstream gradient (each rank's
+    rows collect the gradients of every rank's rows of their group)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, home_ids: Tensor, ids: Tensor, ring: Ring):
+        ctx.save_for_backward(home_ids, ids)
+        ctx.ring = ring
+        return group_sums(x, home_ids, ids, ring)
+
+    @staticmethod
+    def backward(ctx, grad):
+        home_ids, ids = ctx.saved_tensors
+        return group_sums(grad.contiguous(), home_ids, ids, ctx.ring), None, None, None

@@ -40,9 +40,9 @@ whose rules then speak in global ids:
   which excludes every document of the row's own query; no positive.
 
 The thresholds of the visiting blocks come from one all-gather of the N
-positive logits (O(N) numbers; no features). Each matrix is one autograd node
-(:class:`_RingMaskedLogSumExp`) running the CLIP ring's schedule: the next
-block is sent while the current one is computed on; in the backward the block
+positive logits (O(N) numbers; no features). Each matrix is one autograd node,
+the ring of the primitive (:class:`~mmkernels.distributed._lse_ring.RingLogSumExp`,
+the CLIP loss's too) with the masked kernels: the next block is sent while the current one is computed on; in the backward the block
 travels again with its column statistics and upstream column gradients, the
 products for the home rows (pb) stay home and those for the visiting rows (pa)
 travel in an accumulator that comes home after one lap. Autograd sums the
@@ -72,13 +72,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from mmkernels import _checks
 from mmkernels.distributed._autograd import LossOverRanks, SharedScalar, gather_rows
-from mmkernels.distributed._ring import RankFacts, Ring, Slots
-from mmkernels.distributed.clip import add_step_products, finish_ring_backward
-from mmkernels.ops import _common
+from mmkernels.distributed._ring import RankFacts, Ring
+from mmkernels.distributed._lse_ring import RingLogSumExp
 from mmkernels.ops import masked_logsumexp as _masked
 from mmkernels.ops.contrastive import _Side, check_margin
 from mmkernels.ops.embedding import DIRECTIONS, _check_directions, _docs_matrix, log_partition
@@ -183,119 +181,6 @@ def _check_agreement(facts: RankFacts) -> None:
                              "every rank must take part in it")
 
 
-# --- the ring of one matrix -------------------------------------------------------
-
-def _ring_forward(a, b, scale, normalize, ring: Ring, rows, rules_at, fwd, columns: bool):
-    """(row_lse, col_lse) of the home rows ``a`` against every rank's ``b`` (rank q's
-    has ``rows[q]`` rows), the rules of the block of rank v being ``rules_at(v)``;
-    col_lse (of this rank's own ``b``, collected round the ring) only when ``columns``."""
-    d = a.shape[1]
-    block = b.contiguous()  # the visiting block (this rank's own at step 0)
-    blocks = Slots(2, max(rows) * d, b)
-    row_lse = col_done = None
-    for step in range(ring.size):
-        v = ring.visiting(step)
-        sends, receives, incoming, col_in = [], [], None, None
-        if step < ring.size - 1:  # send this block on, receive the next
-            incoming = blocks.take(step, rows[ring.visiting(step + 1)], d)
-            sends.append((block, 1))
-            receives.append((incoming, -1))
-        if columns and step > 0:  # the block's column statistics follow it, one step behind
-            col_in = a.new_empty(rows[v], dtype=_checks.compute_dtype(a.dtype))
-            sends.append((col_done, 1))
-            receives.append((col_in, -1))
-        pending = ring.start(sends, receives)
-        row_k, col_k = fwd(a, block, scale, normalize, *rules_at(v))
-        pending.wait()
-        row_lse = row_k if row_lse is None else torch.logaddexp(row_lse, row_k)
-        if columns:
-            col_done = col_k if col_in is None else torch.logaddexp(col_k, col_in)
-        block = incoming
-    if not columns:
-        return row_lse, None
-    # col_done is complete for the block of rank + 1: one more hop takes it home.
-    (col_lse,) = ring.start([(col_done, 1)], [(col_done.new_empty(b.shape[0]), -1)]).wait()
-    return row_lse, col_lse
-
-
-def _ring_backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, ring: Ring, rows,
-                   rules_at, bwd, needs_input_grad, b_trains: bool):
-    """Gradients of (a, b, scale's share) by the ring: pb stays home, pa travels (only
-    when some rank's ``b`` trains: ``b_trains``). ``col_lse`` None: no column term."""
-    needs_a, _, needs_scale = needs_input_grad
-    compute_pa = b_trains
-    compute_pb = needs_a or (needs_scale and not compute_pa)
-    columns = col_lse is not None
-    d, largest = a.shape[1], max(rows)
-    block = b.contiguous()
-    stats = torch.stack([col_lse, g_col]) if columns else None
-    blocks, block_stats = Slots(2, largest * d, b), Slots(2, 2 * largest, row_lse)
-    accumulators = Slots(1, largest * d, row_lse)  # emptied (added to pa_k) within its step
-    # No column term: col_lse = +inf and g_col = 0 give exp(S - inf) * 0 = 0 on every kernel.
-    no_column = torch.stack([row_lse.new_full((largest,), float("inf")),
-                             row_lse.new_zeros(largest)])
-    pb = acc = None
-    for step in range(ring.size):
-        v = ring.visiting(step)
-        sends, receives, incoming, incoming_stats, acc_in = [], [], None, None, None
-        if step < ring.size - 1:
-            next_rows = rows[ring.visiting(step + 1)]
-            incoming = blocks.take(step, next_rows, d)
-            sends.append((block, 1))
-            receives.append((incoming, -1))
-            if columns:
-                incoming_stats = block_stats.take(step, 2, next_rows)
-                sends.append((stats, 1))
-                receives.append((incoming_stats, -1))
-        if step > 0 and compute_pa:  # the previous block's accumulator follows it
-            acc_in = accumulators.take(step, rows[v], d)
-            sends.append((acc, 1))
-            receives.append((acc_in, -1))
-        pending = ring.start(sends, receives)
-        c_lse, c_grad = (stats[0], stats[1]) if columns else (no_column[0, :rows[v]],
-                                                              no_column[1, :rows[v]])
-        pb_k, pa_k = bwd(a, block, scale, normalize, *rules_at(v), row_lse, c_lse, g_row, c_grad,
-                         compute_pb, compute_pa)
-        pending.wait()
-        pb, acc = add_step_products(pb, pb_k, acc, pa_k, acc_in, compute_pb, compute_pa)
-        block, stats = incoming, incoming_stats
-
-    return finish_ring_backward(a, b, scale, normalize, ring, pb, acc, needs_input_grad,
-                                compute_pb, compute_pa)
-
-
-class _RingMaskedLogSumExp(torch.autograd.Function):
-    """(row_lse, col_lse) of the home rows ``a`` against the blocks ``b`` of every rank,
-    under the rules ``rules_at(v)`` of each visiting rank v; col_lse (this rank's
-    ``b`` against every rank's ``a``) only with ``columns``, else an empty tensor.
-
-    Backward: the gradients of this rank's ``a`` and ``b`` collect the contributions
-    of every rank's rows (the ring); the scale's gradient is this rank's share."""
-
-    @staticmethod
-    def forward(ctx, a, b, scale, normalize, ring, rows, rules_at, kernels, columns, b_trains):
-        fwd, bwd = kernels
-        row_lse, col_lse = _ring_forward(a, b, scale, normalize, ring, rows, rules_at, fwd,
-                                         columns)
-        ctx.save_for_backward(a, b, scale, row_lse, *(() if col_lse is None else (col_lse,)))
-        ctx.normalize, ctx.ring, ctx.rows, ctx.rules_at = normalize, ring, rows, rules_at
-        ctx.bwd, ctx.b_trains = bwd, b_trains
-        return row_lse, (row_lse.new_empty(0) if col_lse is None else col_lse)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_row, g_col):
-        a, b, scale, row_lse, *col = ctx.saved_tensors
-        col_lse = col[0] if col else None
-        g_row = torch.zeros_like(row_lse) if g_row is None else g_row.contiguous()
-        if col_lse is not None:
-            g_col = torch.zeros_like(col_lse) if g_col is None else g_col.contiguous()
-        grads = _ring_backward(a, b, scale, ctx.normalize, row_lse, col_lse, g_row, g_col,
-                               ctx.ring, ctx.rows, ctx.rules_at, ctx.bwd,
-                               ctx.needs_input_grad[:3], ctx.b_trains)
-        return (*grads, None, None, None, None, None, None, None)
-
-
 # --- the rules of each matrix, in global ids --------------------------------------
 
 class _GlobalBatch:
@@ -370,18 +255,18 @@ def _global_per_row(query, docs, scale, ring: Ring, directions, partition_mode, 
     doc_rows = tuple(rows * blocks for rows in ring.sizes)
 
     with_columns = "doc_to_query" in directions
-    row_lse, col_lse = _RingMaskedLogSumExp.apply(
+    row_lse, col_lse = RingLogSumExp.apply(
         query, docs, scale, normalize, ring, doc_rows, batch.query_docs(with_columns), kernels,
         with_columns, trains["docs"])
     stats = {"query_to_doc": row_lse}
     if with_columns:
         stats["doc_to_query"] = col_lse[:n]
     if "query_to_query" in directions:
-        stats["query_to_query"], _ = _RingMaskedLogSumExp.apply(
+        stats["query_to_query"], _ = RingLogSumExp.apply(
             query, query, scale, normalize, ring, query_rows, batch.query_query(), kernels,
             False, trains["query"])
     if "doc_to_doc" in directions:
-        stats["doc_to_doc"], _ = _RingMaskedLogSumExp.apply(
+        stats["doc_to_doc"], _ = RingLogSumExp.apply(
             d_pos, docs, scale, normalize, ring, doc_rows, batch.doc_doc(), kernels, False,
             trains["docs"])
     return log_partition(stats, directions, partition_mode) - positive
