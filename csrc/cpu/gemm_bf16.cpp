@@ -10,6 +10,8 @@
 // tile streams past it.
 #include "gemm_bf16.h"
 
+#include <dlfcn.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -27,6 +29,9 @@
 #else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
+// GCC 12 flags its own _mm512_castsi256_si512 (it starts from an undefined vector).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace mmkernels::cpu {
@@ -197,6 +202,7 @@ const Bf16Products kProducts = {&gemm, &pack_transposed, &pack_rows, &round_p};
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
 
@@ -217,32 +223,69 @@ const Bf16Products* avx512_bf16_products() { return nullptr; }
 
 #endif
 
-// --- the choice, in portable code -------------------------------------------------
+// --- MKL's product and the choice, in portable code ----------------------------------
 
 namespace mmkernels::cpu {
+
+MklBf16Gemm mkl_bf16_gemm() {
+  static const MklBf16Gemm found = [] {
+    // RTLD_DEFAULT sees libtorch_cpu's exported symbols (this library links it).
+    return reinterpret_cast<MklBf16Gemm>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
+  }();
+  return found;
+}
+
 namespace {
 
-// -1 until the first use; then 1 for "avx512_bf16", 0 for "fp32".
-std::atomic<int> g_bf16_choice{-1};
+struct PathName {
+  Bf16Path path;
+  const char* name;
+};
+// Best first.
+const PathName kPaths[] = {{Bf16Path::kMkl, "mkl"}, {Bf16Path::kAvx512Bf16, "avx512_bf16"}, {Bf16Path::kFp32, "fp32"}};
 
-int choice_of(const char* name) {
-  if (std::strcmp(name, "avx512_bf16") == 0) return avx512_bf16_products() ? 1 : -2;
-  if (std::strcmp(name, "fp32") == 0) return 0;
-  return -3;
+bool has_amx_bf16() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  return __builtin_cpu_supports("amx-bf16");
+#else
+  return false;
+#endif
 }
+
+bool runs(Bf16Path path) {
+  switch (path) {
+    case Bf16Path::kMkl: return mkl_bf16_gemm() != nullptr;
+    case Bf16Path::kAvx512Bf16: return avx512_bf16_products() != nullptr;
+    default: return true;
+  }
+}
+
+// The default: MKL only where AMX does its products (elsewhere it runs no faster
+// than fp32: docs/cpu-bf16.md), else our AVX512-BF16 kernels, else fp32.
+Bf16Path best() {
+  if (has_amx_bf16() && runs(Bf16Path::kMkl)) return Bf16Path::kMkl;
+  return runs(Bf16Path::kAvx512Bf16) ? Bf16Path::kAvx512Bf16 : Bf16Path::kFp32;
+}
+
+// -1 until the first use; then a Bf16Path.
+std::atomic<int> g_bf16_choice{-1};
 
 int current_choice() {
   int choice = g_bf16_choice.load(std::memory_order_acquire);
   if (choice >= 0) return choice;
+  choice = static_cast<int>(best());
   const char* forced = std::getenv("MMKERNELS_CPU_BF16_PRODUCTS");
   if (forced != nullptr && *forced != 0) {
-    choice = choice_of(forced);
-    if (choice == -2) throw std::invalid_argument(std::string("MMKERNELS_CPU_BF16_PRODUCTS=") + forced +
-                                                  ": this CPU lacks AVX512-BF16 (supported: fp32)");
-    if (choice < 0) throw std::invalid_argument(std::string("MMKERNELS_CPU_BF16_PRODUCTS=") + forced +
-                                               ": expected avx512_bf16 or fp32");
-  } else {
-    choice = avx512_bf16_products() ? 1 : 0;
+    const PathName* hit = nullptr;
+    for (const PathName& p : kPaths)
+      if (std::strcmp(p.name, forced) == 0) hit = &p;
+    if (hit == nullptr)
+      throw std::invalid_argument(std::string("MMKERNELS_CPU_BF16_PRODUCTS=") + forced +
+                                  ": expected mkl, avx512_bf16 or fp32");
+    if (!runs(hit->path))
+      throw std::invalid_argument(std::string("MMKERNELS_CPU_BF16_PRODUCTS=") + forced +
+                                  ": not available on this CPU or in this torch build");
+    choice = static_cast<int>(hit->path);
   }
   int unset = -1;
   g_bf16_choice.compare_exchange_strong(unset, choice);
@@ -251,23 +294,39 @@ int current_choice() {
 
 }  // namespace
 
-const Bf16Products* bf16_products() { return current_choice() == 1 ? avx512_bf16_products() : nullptr; }
+Bf16Path bf16_path() { return static_cast<Bf16Path>(current_choice()); }
 
-const char* bf16_products_name() { return current_choice() == 1 ? "avx512_bf16" : "fp32"; }
+const Bf16Products* bf16_products() {
+  return bf16_path() == Bf16Path::kAvx512Bf16 ? avx512_bf16_products() : nullptr;
+}
+
+const char* bf16_products_name() {
+  const Bf16Path path = bf16_path();
+  for (const PathName& p : kPaths)
+    if (p.path == path) return p.name;
+  return "fp32";
+}
 
 const char* const* supported_bf16_products(int* count) {
-  static const char* with[] = {"avx512_bf16", "fp32"};
-  static const char* without[] = {"fp32"};
-  const bool has = avx512_bf16_products() != nullptr;
-  *count = has ? 2 : 1;
-  return has ? with : without;
+  static const char* names[3];
+  static const int n = [] {
+    int k = 0;
+    for (const PathName& p : kPaths)
+      if (runs(p.path)) names[k++] = p.name;
+    return k;
+  }();
+  *count = n;
+  return names;
 }
 
 bool set_bf16_products(const char* name) {
-  const int choice = choice_of(name);
-  if (choice < 0) return false;
-  g_bf16_choice.store(choice, std::memory_order_release);
-  return true;
+  for (const PathName& p : kPaths) {
+    if (std::strcmp(p.name, name) != 0) continue;
+    if (!runs(p.path)) return false;
+    g_bf16_choice.store(static_cast<int>(p.path), std::memory_order_release);
+    return true;
+  }
+  return false;
 }
 
 }  // namespace mmkernels::cpu

@@ -49,10 +49,22 @@ struct Bf16Products {
 // The products, or null when this binary or this CPU lacks AVX512-BF16.
 const Bf16Products* avx512_bf16_products();
 
-// The tile products bf16 inputs use, chosen once per process: "avx512_bf16"
-// where the CPU has it, else "fp32" (the operands converted to fp32, BLAS);
-// the environment variable MMKERNELS_CPU_BF16_PRODUCTS forces one (an unknown
-// or unsupported name is an error at the first bf16 call). Null: "fp32".
+// MKL's cblas_gemm_bf16bf16f32 (bf16 operands, fp32 results; AMX tiles on CPUs
+// with AMX-BF16), found at run time in the process (torch's x86 builds link MKL
+// in), or null. Row-major CBLAS arguments; MKL_INT is int (the LP64 interface).
+using MklBf16Gemm = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha, const void* a,
+                             int lda, const void* b, int ldb, float beta, float* c, int ldc);
+MklBf16Gemm mkl_bf16_gemm();
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
+
+// The tile products bf16 inputs use, chosen once per process: "mkl" where the CPU
+// has AMX-BF16 (and MKL is there), else "avx512_bf16" where it has AVX512-BF16,
+// else "fp32" (the operands converted to fp32, BLAS). The environment variable
+// MMKERNELS_CPU_BF16_PRODUCTS forces one (an unknown or unsupported name is an
+// error at the first bf16 call).
+enum class Bf16Path { kFp32 = 0, kAvx512Bf16 = 1, kMkl = 2 };
+Bf16Path bf16_path();
+// bf16_path()'s kernels when it is kAvx512Bf16, else null.
 const Bf16Products* bf16_products();
 const char* bf16_products_name();
 // The names this CPU runs, best first ("fp32" always last).

@@ -213,6 +213,70 @@ struct Bf16TileProducts {
   }
 };
 
+// The same contract through MKL's bf16 x bf16 -> fp32 product (gemm_bf16.h:
+// AMX tiles where the CPU has them), for bf16 inputs where bf16_path() is kMkl.
+// The operands are the inputs; normalization scales each logit tile after its
+// product, and P (times the factors) is rounded to bf16 twice per tile, as in
+// Bf16TileProducts.
+struct MklBf16TileProducts {
+  MklBf16Gemm gemm;
+  float scale;
+  int64_t dim;
+  Tensor a16, b16;      // (N, D), (M, D) bf16, contiguous
+  Tensor inv_a, inv_b;  // normalize: (N), (M) fp32 inverse norms; else undefined
+  Tensor p_cols, p_rows, scaled;  // backward, per chunk: P * B's factors, P * A's (bf16), an fp32 scratch
+
+  MklBf16TileProducts(MklBf16Gemm gemm_, const Tensor& a, const Tensor& b, bool normalize, double scale_,
+                      const Schedule& sched, bool backward)
+      : gemm(gemm_), scale(static_cast<float>(scale_)), dim(a.size(1)), a16(a.contiguous()), b16(b.contiguous()) {
+    TORCH_CHECK(std::max({sched.n, sched.m, dim}) < (int64_t{1} << 31), "mkl bf16 products: sizes beyond 2^31");
+    if (normalize) {
+      inv_a = inv_norms(a).contiguous();
+      inv_b = inv_norms(b).contiguous();
+    }
+    if (backward) {
+      p_cols = at::empty({sched.chunks, sched.tm * sched.tn}, a.options());
+      p_rows = at::empty({sched.chunks, sched.tm * sched.tn}, a.options());
+      scaled = at::empty({sched.chunks, sched.tm * sched.tn}, a.options().dtype(at::kFloat));
+    }
+  }
+
+  int64_t d() const { return dim; }
+  at::TensorOptions options() const { return a16.options().dtype(at::kFloat); }
+  const at::BFloat16* row(const Tensor& x, int64_t i) const { return x.data_ptr<at::BFloat16>() + i * dim; }
+
+  void logits(int64_t, Tensor& s, int64_t i0, int64_t j0) const {
+    const int rows = static_cast<int>(s.size(0)), cols = static_cast<int>(s.size(1)), k = static_cast<int>(dim);
+    gemm(kCblasRowMajor, kCblasNoTrans, kCblasTrans, rows, cols, k, scale, row(a16, i0), k, row(b16, j0), k, 0.0f,
+         s.data_ptr<float>(), cols);
+    if (inv_a.defined()) s.mul_(inv_a.narrow(0, i0, rows).unsqueeze(1)).mul_(inv_b.narrow(0, j0, cols));
+  }
+
+  // P times factors (or P itself), rounded to bf16 into the chunk's buffer `out`.
+  Tensor rounded(const Tensor& p, const Tensor& factors, const Tensor& out, const Tensor& work) const {
+    Tensor view = tile_view(out, p.size(0), p.size(1));
+    if (!factors.defined()) return view.copy_(p);
+    Tensor tmp = tile_view(work, p.size(0), p.size(1));
+    return view.copy_(at::mul_out(tmp, p, factors));
+  }
+
+  void p_products(int64_t c, const Tensor& p, int64_t i0, int64_t j0, Tensor* pb_i, bool add_pb, Tensor* pa_c,
+                  bool add_pa) const {
+    const int rows = static_cast<int>(p.size(0)), cols = static_cast<int>(p.size(1)), k = static_cast<int>(dim);
+    if (pb_i) {  // (rows, D) (+)= (P * inv_b) (rows, cols) @ B_j (cols, D)
+      const Tensor pc = rounded(p, inv_b.defined() ? inv_b.narrow(0, j0, cols) : Tensor(), p_cols[c], scaled[c]);
+      gemm(kCblasRowMajor, kCblasNoTrans, kCblasNoTrans, rows, k, cols, 1.0f, pc.data_ptr(), cols, row(b16, j0), k,
+           add_pb ? 1.0f : 0.0f, pb_i->data_ptr<float>(), k);
+    }
+    if (pa_c) {  // (cols, D) (+)= (P * inv_a)^T (cols, rows) @ A_i (rows, D)
+      const Tensor pr =
+          rounded(p, inv_a.defined() ? inv_a.narrow(0, i0, rows).unsqueeze(1) : Tensor(), p_rows[c], scaled[c]);
+      gemm(kCblasRowMajor, kCblasTrans, kCblasNoTrans, cols, k, rows, 1.0f, pr.data_ptr(), cols, row(a16, i0), k,
+           add_pa ? 1.0f : 0.0f, pa_c->data_ptr<float>(), k);
+    }
+  }
+};
+
 // Forward schedule: calls visit(c, i0, j0, s) on every tile s = scale * A_i @ B_j^T
 // of S, in the thread of chunk c (rows i0.., columns j0..), row tile by row tile.
 template <class Products, typename Visit>
@@ -334,14 +398,19 @@ struct Operands {
 };
 
 // Calls run(products) with the tile products for these operands (compute dtype
-// T): the bf16 ones for bf16 inputs where this CPU has them (bf16_products(),
-// gemm_bf16.h), else BLAS on the compute-dtype operands.
+// T): for bf16 inputs those of bf16_path() (gemm_bf16.h), else BLAS on the
+// compute-dtype operands.
 template <typename T, typename Run>
 void with_products(const Operands& x, double scale, const Schedule& sched, bool backward, Run&& run) {
   if constexpr (std::is_same_v<T, float>) {
     if (x.a.scalar_type() == at::kBFloat16) {
-      if (const Bf16Products* kernels = bf16_products()) {
-        run(Bf16TileProducts(*kernels, x.a, x.b, x.normalize, scale, sched, backward));
+      const Bf16Path path = bf16_path();
+      if (path == Bf16Path::kAvx512Bf16) {
+        run(Bf16TileProducts(*bf16_products(), x.a, x.b, x.normalize, scale, sched, backward));
+        return;
+      }
+      if (path == Bf16Path::kMkl) {
+        run(MklBf16TileProducts(mkl_bf16_gemm(), x.a, x.b, x.normalize, scale, sched, backward));
         return;
       }
     }
