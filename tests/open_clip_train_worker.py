@@ -63,10 +63,14 @@ def write_dataset(directory: Path, pairs: int, size: int = 32, seed: int = 0) ->
     return csv
 
 
-def trainer_args(csv: Path, logs: Path, name: str, batch_size: int = 8) -> list[str]:
-    """open_clip_train arguments for one fp32 CPU epoch over ``csv`` with a
-    fixed seed; every step logged, the final parameters saved."""
-    return ["--model", MODEL, "--train-data", str(csv), "--dataset-type", "csv",
+def trainer_args(csv: Path | None, logs: Path, name: str, batch_size: int = 8,
+                 synthetic_samples: int = 24) -> list[str]:
+    """open_clip_train arguments for one fp32 CPU epoch over ``csv`` (None:
+    open_clip's synthetic dataset of ``synthetic_samples``) with a fixed
+    seed; every step logged, the final parameters saved."""
+    data = (["--dataset-type", "synthetic", "--train-num-samples", str(synthetic_samples)]
+            if csv is None else ["--train-data", str(csv), "--dataset-type", "csv"])
+    return ["--model", MODEL, *data,
             "--batch-size", str(batch_size), "--epochs", "1", "--workers", "0",
             "--device", "cpu", "--precision", "fp32", "--lr", "1e-3", "--warmup", "1",
             "--seed", "0", "--log-every-n-steps", "1", "--logs", str(logs), "--name", name]

@@ -10,7 +10,8 @@ CLIP loss, for ``--siglip``, and under torchrun with 2 gloo processes and
 ``--gather-with-grad --local-loss``. The pairs are real (random images with
 distinct captions, ``--dataset-type csv``): open_clip's ``--dataset-type
 synthetic`` repeats one blank image and one caption, so its CLIP loss is
-log(batch) whatever the weights and its gradients are zero.
+log(batch) whatever the weights and its gradients are zero (checked on its
+own, for both runs).
 
 One exception to the parameter check: the attention's key biases. A key bias
 adds the same ``q_i . b_k`` to every logit of query i, which cancels in the
@@ -234,6 +235,25 @@ def test_trainer_patched_equals_open_clips(data, loss):
     if loss == "clip":
         assert plain["losses"][0] == pytest.approx(math.log(BATCH), rel=0.1)  # an untrained model
     assert_same_training(patched, plain, plain["initial"])
+
+
+def test_trainer_on_open_clips_synthetic_dataset(data):
+    """``--dataset-type synthetic``: one blank image and one caption for every
+    sample, so every logit is equal and the CLIP loss is log(batch) in both
+    runs, whatever the weights. Its exact gradients are zero, so AdamW turns
+    each run's round-off into steps of up to ``lr`` (a quarter of the entries
+    of a weight differed by up to 4e-3 here): the parameters say nothing, and
+    the comparison of training runs uses real pairs (above)."""
+    logs = data["root"] / "logs"
+    runs = {}
+    for patched in (False, True):
+        name = f"synthetic-{'patched' if patched else 'plain'}"
+        recorder = worker.train(worker.trainer_args(None, logs, name, BATCH, STEPS * BATCH),
+                                patched)
+        runs[patched] = recorder.losses, recorder.loss_types
+    for losses, _ in runs.values():
+        assert losses == pytest.approx([math.log(BATCH)] * STEPS, rel=1e-6)
+    assert runs[True][1] == {"mmkernels.nn.ClipLoss"} and runs[False][1] == {"open_clip.loss.ClipLoss"}
 
 
 # --- torchrun, 2 gloo processes ---------------------------------------------------------------
