@@ -3,13 +3,15 @@ tests/test_open_clip_train.py: in the test's process (:func:`train`) or as a
 torchrun process of its own:
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 \
-        tests/open_clip_train_worker.py OUT_DIR CONFIG_DIR {plain,patched} -- <open_clip_train args>
+        tests/open_clip_train_worker.py OUT_DIR CONFIG_DIR RUNS_JSON
 
-Each process writes OUT_DIR/rank<r>.json (the loss of every step, as its loss
-module returned it, and the class that computed it) and OUT_DIR/initial.pt
-(rank 0: the parameters before the first step). ``patched`` runs the
-trainer through ``python -m mmkernels.integrations.open_clip_train``'s code
-(runpy), ``plain`` through ``open_clip_train.main``'s.
+RUNS_JSON lists the runs, one after another in the same processes:
+``[{"name": ..., "mode": "plain" or "patched", "argv": [open_clip_train args]}, ...]``.
+For each, every process writes OUT_DIR/<name>-rank<r>.json (the loss of every
+step, as its loss module returned it, and the class that computed it) and
+rank 0 OUT_DIR/<name>-initial.pt (the parameters before the first step).
+``patched`` runs ``python -m mmkernels.integrations.open_clip_train``'s code
+(runpy), ``plain`` ``python -m open_clip_train.main``'s.
 """
 
 from __future__ import annotations
@@ -169,29 +171,59 @@ def train(argv: list[str], patched: bool) -> Recorder:
     return recorder
 
 
-def main() -> None:
-    out, config, mode, sep, *argv = sys.argv[1:]
-    assert sep == "--" and mode in ("plain", "patched"), sys.argv
-    import open_clip
-
-    open_clip.add_model_config(config)
-    out = Path(out)
+def run_as_main(name: str, mode: str, argv: list[str], out: Path) -> None:
+    """One run, the trainer's module run as ``python -m`` runs it: for
+    "patched", ``mmkernels.integrations.open_clip_train``; for "plain",
+    ``open_clip_train.main``. Writes OUT/<name>-rank<r>.json and, on rank 0,
+    OUT/<name>-initial.pt."""
     rank = int(os.environ.get("RANK", "0"))
     recorder = Recorder()
-    with recorder.installed(), cpu_ddp():
-        sys.argv = ["open_clip_train", *argv]
-        # The module as `python -m` runs it: for "patched", the CLI of the
-        # issue; for "plain", open_clip's own entry point.
-        module = "mmkernels.integrations.open_clip_train" if mode == "patched" else "open_clip_train.main"
+    module = {"patched": "mmkernels.integrations.open_clip_train",
+              "plain": "open_clip_train.main"}[mode]
+    with recorder.installed(), trainer_logging(), cpu_ddp():
+        sys.argv = [module, *argv]
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as stop:
             if stop.code not in (None, 0):
                 raise
-    (out / f"rank{rank}.json").write_text(json.dumps(
+    (out / f"{name}-rank{rank}.json").write_text(json.dumps(
         {"losses": recorder.losses, "loss_types": sorted(recorder.loss_types)}))
     if rank == 0:
-        torch.save(recorder.initial, out / "initial.pt")
+        torch.save(recorder.initial, out / f"{name}-initial.pt")
+
+
+@contextlib.contextmanager
+def one_process_group():
+    """Each run's trainer calls ``torch.distributed.init_process_group``; the
+    first call makes the group and the later ones keep it. (A group destroyed
+    and made again under the same torchrun store reuses the first group's
+    keys, and a rank can read the other's old address: a refused connection.)"""
+    import torch.distributed as dist
+
+    original = dist.init_process_group
+
+    def init_once(*args, **kwargs):
+        if not dist.is_initialized():
+            original(*args, **kwargs)
+
+    dist.init_process_group = init_once
+    try:
+        yield
+    finally:
+        dist.init_process_group = original
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main() -> None:
+    out, config, spec = sys.argv[1:]
+    import open_clip
+
+    open_clip.add_model_config(config)
+    with one_process_group():
+        for run in json.loads(Path(spec).read_text()):
+            run_as_main(run["name"], run["mode"], run["argv"], Path(out))
 
 
 if __name__ == "__main__":

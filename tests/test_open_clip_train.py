@@ -6,8 +6,8 @@ The trainer runs a tiny CLIP (one-layer towers, 32 x 32 images, a model config
 added through open_clip.add_model_config) for 3 fp32 CPU steps of 8 pairs,
 once as open_clip_train.main and once patched, with the same seed. Every
 step's loss and the final parameters must agree to 1e-5 relative, for the
-CLIP loss, for ``--siglip``, and under torchrun with 2 gloo processes and
-``--gather-with-grad --local-loss``. The pairs are real (random images with
+CLIP loss, for ``--siglip``, and under torchrun with 2 gloo processes for
+``--gather-with-grad --local-loss`` and for ``--siglip``. The pairs are real (random images with
 distinct captions, ``--dataset-type csv``): open_clip's ``--dataset-type
 synthetic`` repeats one blank image and one caption, so its CLIP loss is
 log(batch) whatever the weights and its gradients are zero (checked on its
@@ -258,41 +258,54 @@ def test_trainer_on_open_clips_synthetic_dataset(data):
 
 # --- torchrun, 2 gloo processes ---------------------------------------------------------------
 
-def _torchrun(data, mode: str, extra: list[str]) -> dict:
-    out = data["root"] / f"torchrun-{mode}"
+TORCHRUN_CASES = {"clip": ["--gather-with-grad", "--local-loss"], "siglip": ["--siglip"]}
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(data) -> dict:
+    """(case, mode) -> the ranks' reports, final parameters, initial
+    parameters and log of that run: every run of TORCHRUN_CASES, plain and
+    patched, one after another in one torchrun launch of 2 processes."""
+    out, logs = data["root"] / "torchrun", data["root"] / "torchrun-logs"
     out.mkdir()
-    logs = data["root"] / "torchrun-logs"
-    name = f"ddp-{mode}"
+    runs = [{"name": f"{case}-{mode}", "mode": mode,
+             # 2 ranks x 4 pairs: the same 8-pair global batches as one process sees
+             "argv": worker.trainer_args(data["csv"], logs, f"{case}-{mode}", BATCH // 2) + extra}
+            for case, extra in TORCHRUN_CASES.items() for mode in ("plain", "patched")]
+    (out / "runs.json").write_text(json.dumps(runs))
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"),
                                                         os.environ.get("PYTHONPATH")])))
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # keep gloo on the loopback interface
-    # 2 ranks x 4 pairs: the same 8-pair global batches as one process would see
-    args = worker.trainer_args(data["csv"], logs, name, BATCH // 2) + extra
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(Path(worker.__file__)), str(out), str(data["root"] / "configs"), mode, "--", *args],
+         str(Path(worker.__file__)), str(out), str(data["root"] / "configs"), str(out / "runs.json")],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return {"ranks": ranks, "params": _final_params(logs, name),
-            "initial": torch.load(out / "initial.pt", weights_only=True),
-            "log": (logs / name / "out.log").read_text()}
+    return {(case, mode): {
+        "ranks": [json.loads((out / f"{case}-{mode}-rank{r}.json").read_text()) for r in range(2)],
+        "params": _final_params(logs, f"{case}-{mode}"),
+        "initial": torch.load(out / f"{case}-{mode}-initial.pt", weights_only=True),
+        "log": (logs / f"{case}-{mode}" / "out.log").read_text()}
+        for case in TORCHRUN_CASES for mode in ("plain", "patched")}
 
 
 @pytest.mark.slow
-def test_torchrun_gather_with_grad_local_loss(data):
-    """open_clip_train under torchrun (2 gloo processes), ``--gather-with-grad
-    --local-loss``: each rank's loss of every step, and the final parameters."""
-    extra = ["--gather-with-grad", "--local-loss"]
-    plain, patched = _torchrun(data, "plain", extra), _torchrun(data, "patched", extra)
-    assert "world_size=2" in patched["log"] and "using mmkernels.ClipLoss" in patched["log"]
+@pytest.mark.parametrize("case", TORCHRUN_CASES)
+def test_torchrun_two_gloo_processes(torchrun_runs, case):
+    """open_clip_train under torchrun (2 gloo processes): ``--gather-with-grad
+    --local-loss`` for the CLIP loss, and ``--siglip`` (its default
+    ``bidir`` exchange); each rank's loss of every step, and the final parameters."""
+    plain, patched = torchrun_runs[case, "plain"], torchrun_runs[case, "patched"]
+    kind = "SigLipLoss" if case == "siglip" else "ClipLoss"
+    assert "world_size=2" in patched["log"] and f"using mmkernels.{kind}" in patched["log"]
+    assert all(torch.equal(plain["initial"][k], v) for k, v in patched["initial"].items())
     for rank in range(2):
-        assert plain["ranks"][rank]["loss_types"] == ["open_clip.loss.ClipLoss"]
-        assert patched["ranks"][rank]["loss_types"] == ["mmkernels.nn.ClipLoss"]
+        assert plain["ranks"][rank]["loss_types"] == [f"open_clip.loss.{kind}"]
+        assert patched["ranks"][rank]["loss_types"] == [f"mmkernels.nn.{kind}"]
         assert_same_training({"losses": patched["ranks"][rank]["losses"], "params": patched["params"]},
                              {"losses": plain["ranks"][rank]["losses"], "params": plain["params"]},
                              plain["initial"])
-    # local_loss: each rank's own rows against the global batch, so the ranks' losses differ
+    # Each rank's loss is its own rows' (local_loss; SigLIP's is per rank): the ranks differ.
     assert plain["ranks"][0]["losses"] != plain["ranks"][1]["losses"]
