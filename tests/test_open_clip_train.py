@@ -7,11 +7,11 @@ added through open_clip.add_model_config) for 3 fp32 CPU steps of 8 pairs,
 once as open_clip_train.main and once patched, with the same seed. Every
 step's loss and the final parameters must agree to 1e-5 relative, for the
 CLIP loss, for ``--siglip``, and under torchrun with 2 gloo processes for
-``--gather-with-grad --local-loss`` and for ``--siglip``. The pairs are real (random images with
-distinct captions, ``--dataset-type csv``): open_clip's ``--dataset-type
-synthetic`` repeats one blank image and one caption, so its CLIP loss is
-log(batch) whatever the weights and its gradients are zero (checked on its
-own, for both runs).
+``--gather-with-grad --local-loss`` and for ``--siglip``. The pairs are real
+(random images with distinct captions, ``--dataset-type csv``): open_clip's
+``--dataset-type synthetic`` repeats one blank image and one caption, so its
+CLIP loss is log(batch) whatever the weights and its gradients are zero
+(checked on its own, for both runs).
 
 One exception to the parameter check: the attention's key biases. A key bias
 adds the same ``q_i . b_k`` to every logit of query i, which cancels in the

@@ -46,7 +46,7 @@ import mmkernels
 
 LOGGER = logging.getLogger(__name__)
 
-# The names create_loss looks up in open_clip.factory, in the order it tries them.
+# The loss classes create_loss looks up in open_clip.factory when it is called.
 PATCHED_NAMES = ("ClipLoss", "SigLipLoss", "CoCaLoss", "DistillClipLoss")
 
 _originals: dict = {}  # name -> open_clip's class, while patched
