@@ -172,8 +172,11 @@ def build_ext_class():
 
 
 EXTRAS = {
+    # webdataset (with braceexpand) and pandas: what open_clip_train, the trainer in
+    # open_clip_torch's wheel (3.3.0 here), imports; tests/test_open_clip_train.py runs
+    # it. open_clip_torch's own "training" extra would add sentencepiece, unused here.
     "test": ["pytest>=7", "pytest-timeout", "open_clip_torch>=2.20", "transformers>=4.40",
-             "sentence-transformers>=6"],
+             "sentence-transformers>=6", "webdataset>=0.2.5,<=0.2.86", "pandas"],
     "bench": ["matplotlib", "tqdm"],
     # peers the benchmarks compare against, when installed (Triton kernels: CUDA only)
     "peers": ["memeff", "inf_cl"],
