@@ -327,12 +327,38 @@ def test_drop_in_refuses():
 
     with pytest.raises(ValueError, match="similarity_fct"):
         MultipleNegativesRankingLoss(None, similarity_fct=util.manhattan_sim)
-    with pytest.raises(NotImplementedError, match="gather_across_devices"):
-        MultipleNegativesRankingLoss(None, gather_across_devices=True)
     with pytest.raises(NotImplementedError, match="hardness_mode"):
         MultipleNegativesRankingLoss(None, hardness_mode="hard_negatives", hardness_strength=5.0)
     with pytest.raises(ValueError, match="per_direction"):
         MultipleNegativesRankingLoss(None, directions=ALL, partition_mode="per_direction")
+
+
+@pytest.mark.parametrize("group", ["none", "of_one"])
+def test_drop_in_gather_on_one_process(tmp_path, group):
+    """gather_across_devices=True on one process: the local batch's loss and its
+    gradients, as theirs (which, without a group, warns and gathers nothing). Over
+    gloo processes: tests/test_sentence_transformers_distributed.py."""
+    import contextlib
+
+    import test_distributed
+    from mmkernels.integrations.sentence_transformers import MultipleNegativesRankingLoss
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    q, docs = _inputs(5, 8, 1)
+    columns = [q, docs[:5], docs[5:]]
+    results = []
+    with (test_distributed.world_of_one(tmp_path) if group == "of_one"
+          else contextlib.nullcontext()):
+        for cls in (MultipleNegativesRankingLoss, losses.MultipleNegativesRankingLoss):
+            leaves = [c.clone().requires_grad_() for c in columns]
+            value = cls(None, directions=ALL, gather_across_devices=True
+                        ).compute_loss_from_embeddings(leaves, None)
+            results.append((value, torch.autograd.grad(value, leaves)))
+    (got, got_grads), (expected, expected_grads) = results
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
 def test_import_mmkernels_leaves_sentence_transformers_alone():

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import reference
-from embedding_cases import ALL, CONFIGS, save_tiny_bert
+from embedding_cases import ALL, CONFIGS, TEXTS, save_tiny_bert
+from embedding_cases import assert_same as _assert_same
+from embedding_cases import run_loss as _run
 
 st = pytest.importorskip("sentence_transformers")
 transformers = pytest.importorskip("transformers")
@@ -21,11 +23,6 @@ from mmkernels.integrations.sentence_transformers import (  # noqa: E402
     MultipleNegativesRankingLoss,
 )
 
-# anchors, positives, hard negatives: 6 rows of different lengths (the mini-batches
-# trim their own padding, so each sees another sequence width)
-TEXTS = [["the cat sat", "a dog ran far", "big red mat", "green", "the small dog", "on a mat"],
-         ["the mat", "dog far", "red blue", "a green cat", "small", "the mat sat on"],
-         ["small cat", "the big dog sat", "on the mat", "blue", "far far", "red"]]
 BATCH = len(TEXTS[0])
 
 
@@ -47,31 +44,6 @@ def dropout_model(tmp_path_factory):
 
 def _features(model, columns):
     return [model.preprocess(column) for column in TEXTS[:columns]]
-
-
-def _run(model, loss, features, seed=0):
-    """The loss value and every parameter's gradient after one forward + backward."""
-    model.train()
-    model.zero_grad()
-    torch.manual_seed(seed)
-    value = loss([dict(f) for f in features], None)  # a model may add keys to its features
-    value.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return value.detach(), grads
-
-
-def _assert_same(got, expected):
-    """Values to fp32 round-off; gradients elementwise to 1e-4, with an absolute floor
-    of 1e-5 of the largest gradient entry of the model (an entry summed over the batch
-    can cancel to far below the terms whose round-off it carries; the attention key
-    bias's gradient is 0 but for round-off)."""
-    (value, grads), (expected_value, expected_grads) = got, expected
-    torch.testing.assert_close(value, expected_value, rtol=2e-5, atol=1e-6)
-    assert grads.keys() == expected_grads.keys() and len(grads) > 0
-    floor = 1e-5 * max(float(g.abs().max()) for g in expected_grads.values())
-    for name in grads:
-        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=floor,
-                                   msg=lambda m: f"{name}: {m}")
 
 
 # --- against the originals ----------------------------------------------------------
@@ -241,8 +213,6 @@ def test_refuses():
     """Each error names its argument and comes before any model call (model=None)."""
     with pytest.raises(ValueError, match="similarity_fct"):
         CachedMultipleNegativesRankingLoss(None, similarity_fct=util.manhattan_sim)
-    with pytest.raises(NotImplementedError, match="gather_across_devices"):
-        CachedMultipleNegativesRankingLoss(None, gather_across_devices=True)
     with pytest.raises(NotImplementedError, match="hardness_mode"):
         CachedMultipleNegativesRankingLoss(None, hardness_mode="in_batch_negatives",
                                            hardness_strength=9.0)
