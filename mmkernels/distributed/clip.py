@@ -99,9 +99,9 @@ from mmkernels.distributed._ring import RankFacts, Ring
 from mmkernels.ops import _common
 from mmkernels.ops import logsumexp as _lse
 from mmkernels.ops import masked_logsumexp as _masked
-from mmkernels.ops.contrastive import (GROUP_MODES, _cross_entropy, _debiased, _grouped_targets,
-                                       _Groups, _Side, check_groups, check_margin,
-                                       check_tau_plus)
+from mmkernels.ops.contrastive import (GROUP_MODES, Groups, Side, check_groups, check_margin,
+                                       check_tau_plus, cross_entropy_from_lse, debiased_losses,
+                                       grouped_targets)
 from mmkernels.ops.contrastive import contrastive_loss as _single_process_loss
 from mmkernels.ops.contrastive import info_nce as _info_nce
 from mmkernels.ops.contrastive import pair_losses
@@ -292,7 +292,7 @@ class _Exclusions:
 
 # --- the strategies: how this rank's pairs meet the global batch -----------------
 
-class _SideOverRanks(_Side):
+class _SideOverRanks(Side):
     """This rank's rows of one side, whose sums run over the rows of every rank (the
     O(n * D) terms of ops/contrastive.py read a side through these two methods)."""
 
@@ -311,7 +311,7 @@ class _SideOverRanks(_Side):
 
 
 class _HomeGroups:
-    """The groups of this rank's pairs as ops/contrastive.py's ``_Groups`` gives them:
+    """The groups of this rank's pairs as ops/contrastive.py's ``Groups`` gives them:
     row i's slot is its own (``index``), ``size`` its group's size in the global batch."""
 
     def __init__(self, home_ids: Tensor, ids: Tensor, dtype: torch.dtype):
@@ -377,10 +377,10 @@ class _Gather(_Ring):
                                           backend=name, **rules)[0])
 
     def batch_sides(self):
-        return _Side(self.all_b, self.normalize), _Side(self.all_a, self.normalize)
+        return Side(self.all_b, self.normalize), Side(self.all_a, self.normalize)
 
     def group_layout(self, home_ids, ids, dtype):
-        groups = _Groups(ids, dtype)
+        groups = Groups(ids, dtype)
         offset = self.agreed.ring.offset
         return groups, groups.index[offset:offset + home_ids.shape[0]]
 
@@ -396,7 +396,7 @@ def _per_pair(strategy: _Ring, a, b, scale, normalize, label_smoothing, group_mo
     terms, the sums and rules over the batch from ``strategy``)."""
     ring, n = agreed.ring, a.shape[0]
     total = ring.total
-    positive = scale * _Side(a, normalize).dot(_Side(b, normalize))  # S[i, i]
+    positive = scale * Side(a, normalize).dot(Side(b, normalize))  # S[i, i]
     home_thresholds = thresholds = None
     if agreed.margin is not None:
         home_thresholds = (positive.detach() + agreed.margin).contiguous()
@@ -408,8 +408,8 @@ def _per_pair(strategy: _Ring, a, b, scale, normalize, label_smoothing, group_mo
         rules = _Exclusions(ring, n, a.device, own_positive=False, ids=indices)
         neg_row, neg_col = strategy.statistics(rules)
         row_floor, col_floor = _logit_floors(a, b, scale, normalize, agreed)
-        return (_debiased(positive, neg_row, row_floor, agreed.tau_plus, total - 1)
-                + _debiased(positive, neg_col, col_floor, agreed.tau_plus, total - 1)) / 2
+        return (debiased_losses(positive, neg_row, row_floor, agreed.tau_plus, total - 1)
+                + debiased_losses(positive, neg_col, col_floor, agreed.tau_plus, total - 1)) / 2
 
     if agreed.groups is None:
         rules = None
@@ -429,11 +429,11 @@ def _per_pair(strategy: _Ring, a, b, scale, normalize, label_smoothing, group_mo
     row_lse, col_lse = strategy.statistics(rules)
     groups, row_group = strategy.group_layout(agreed.groups, ids, positive.dtype)
     per_direction = []
-    for x, y, stat in zip((_Side(a, normalize), _Side(b, normalize)), strategy.batch_sides(),
+    for x, y, stat in zip((Side(a, normalize), Side(b, normalize)), strategy.batch_sides(),
                           (row_lse, col_lse)):
-        target, smooth = _grouped_targets(x, y, groups, row_group, positive, scale, group_mode,
-                                          label_smoothing, total)
-        per_direction.append(_cross_entropy(stat, target, label_smoothing, smooth))
+        target, smooth = grouped_targets(x, y, groups, row_group, positive, scale, group_mode,
+                                         label_smoothing, total)
+        per_direction.append(cross_entropy_from_lse(stat, target, label_smoothing, smooth))
     return (per_direction[0] + per_direction[1]) / 2
 
 

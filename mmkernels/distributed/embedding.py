@@ -78,7 +78,7 @@ from mmkernels.distributed._autograd import LossOverRanks, SharedScalar, gather_
 from mmkernels.distributed._ring import RankFacts, Ring
 from mmkernels.distributed._lse_ring import RingLogSumExp
 from mmkernels.ops import masked_logsumexp as _masked
-from mmkernels.ops.contrastive import _Side, check_margin
+from mmkernels.ops.contrastive import Side, check_margin
 from mmkernels.ops.embedding import DIRECTIONS, _check_directions, _docs_matrix, log_partition
 from mmkernels.ops.embedding import multiple_negatives_loss as _single_process_loss
 
@@ -244,7 +244,7 @@ def _global_per_row(query, docs, scale, ring: Ring, directions, partition_mode, 
     n = query.shape[0]
     blocks = docs.shape[0] // n
     d_pos = docs[:n]
-    positive = scale * _Side(query, normalize).dot(_Side(d_pos, normalize))  # p_i
+    positive = scale * Side(query, normalize).dot(Side(d_pos, normalize))  # p_i
     thresholds = None
     if margin is not None:  # every rank's p + m: the visiting blocks' thresholds (O(N))
         own = (positive.detach() + margin).to(_checks.compute_dtype(query.dtype))

@@ -74,6 +74,25 @@ features and the (N,) inverse norms, never from normalized N x D copies, so
 for fp32 inputs autograd saves nothing of size N x D beyond the inputs (the
 group sums are the exception: an (N, D) tensor per direction). The loss is fp32
 whatever the input dtype; gradients come back in the input dtype.
+
+Shared within the package
+-------------------------
+The distributed loss (mmkernels/distributed/clip.py) computes these same terms
+for each rank's pairs, and the embedding losses (ops/embedding.py,
+distributed/embedding.py) their positives, through these names, which are not
+part of the public API (mmkernels/__init__.py):
+
+- ``Side``: one side's rows and inverse norms; the O(N*D) terms read a side only
+  through its methods (``dot``, ``total``, ``dot_vector``, ``dot_rows``,
+  ``group_totals``), so the distributed loss subclasses it to sum over ranks;
+- ``Groups``: group ids renumbered (``index``) and group sizes (``size``), the two
+  fields the distributed loss's own groups also provide;
+- ``grouped_targets``, ``cross_entropy_from_lse``: one direction's target and
+  smoothing logits with groups, and its cross-entropy from its logsumexp;
+- ``debiased_losses``: one direction's debiased loss from the logsumexp of its
+  negatives and its logit floor;
+- ``pair_losses``, ``reduce_losses``, ``GROUP_MODES`` and the argument checks
+  ``check_margin``, ``check_groups``, ``check_tau_plus``.
 """
 
 from __future__ import annotations
@@ -92,7 +111,7 @@ from mmkernels.ops.logsumexp import lse, similarity_logsumexp, similarity_matrix
 GROUP_MODES = ("positives", "exclude")
 
 
-class _Side:
+class Side:
     """One side's features as the O(N*D) terms use them: the raw rows in the
     compute dtype (no copy for fp32) and, when normalizing, their inverse
     norms (differentiable), so that Xh = r * x is never formed."""
@@ -101,7 +120,7 @@ class _Side:
         self.x = x.to(_checks.compute_dtype(x.dtype))
         self.r = _common.inv_norms(x) if normalize else None
 
-    def dot(self, other: "_Side", rows: Tensor | None = None) -> Tensor:
+    def dot(self, other: "Side", rows: Tensor | None = None) -> Tensor:
         """<Xh_i, Yh_i> (or <Xh_i, Yh_rows[i]>) per row."""
         y = other.x if rows is None else other.x[rows]
         out = torch.linalg.vecdot(self.x, y)
@@ -123,14 +142,14 @@ class _Side:
         out = torch.linalg.vecdot(self.x, m)
         return out if self.r is None else out * self.r
 
-    def group_totals(self, groups: "_Groups") -> Tensor:
+    def group_totals(self, groups: "Groups") -> Tensor:
         """T[g] = sum of Xh_j over the rows j of group g, shape (rows, D); the rows
         past the last group are 0."""
         rows = self.x if self.r is None else self.x * self.r.unsqueeze(1)
         return rows.new_zeros(rows.shape).index_add(0, groups.index, rows)
 
 
-class _Groups:
+class Groups:
     """Group ids renumbered 0, 1, ... in order of value (``index``, one per row) and
     the size of each group (``size``, in ``dtype``, indexed by the new ids). Found by
     a sort: static shapes, no host sync."""
@@ -144,7 +163,9 @@ class _Groups:
             0, self.index, torch.ones(ids.shape[0], dtype=dtype, device=ids.device))
 
 
-def _reduce(per_row: Tensor, reduction: str) -> Tensor:
+def reduce_losses(per_row: Tensor, reduction: str) -> Tensor:
+    """The losses of the rows under ``reduction`` (checked): their mean, their sum, or
+    themselves for "none"."""
     if reduction == "mean":
         return per_row.mean()
     if reduction == "sum":
@@ -152,8 +173,8 @@ def _reduce(per_row: Tensor, reduction: str) -> Tensor:
     return per_row
 
 
-def _cross_entropy(row_lse: Tensor, target: Tensor, label_smoothing: float,
-                   smooth: Tensor | None) -> Tensor:
+def cross_entropy_from_lse(row_lse: Tensor, target: Tensor, label_smoothing: float,
+                           smooth: Tensor | None) -> Tensor:
     """One direction's cross-entropy ``lse - (1 - eps) * target - eps * smooth``:
     ``target`` the mean logit of the row's positives, ``smooth`` the mean logit of
     its softmax's candidates (unused without smoothing)."""
@@ -284,27 +305,27 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale=
     args = (image_features, text_features, scale, normalize)
     if tau_plus is not None:
         masked_logsumexp.masked_backend(backend, device)  # its error before any kernel
-        return _reduce(_debiased_pair_losses(*args, tau_plus, backend), reduction)
+        return reduce_losses(_debiased_pair_losses(*args, tau_plus, backend), reduction)
     if groups is not None:
         if group_mode == "exclude":
             masked_logsumexp.masked_backend(backend, device)
-        return _reduce(_grouped_pair_losses(*args, label_smoothing, groups, group_mode, margin,
-                                            name, backend), reduction)
+        return reduce_losses(_grouped_pair_losses(*args, label_smoothing, groups, group_mode, margin,
+                                                  name, backend), reduction)
     if margin is not None:
-        positive = scale * _Side(image_features, normalize).dot(_Side(text_features, normalize))
+        positive = scale * Side(image_features, normalize).dot(Side(text_features, normalize))
         threshold = positive.detach() + margin
         row_lse, col_lse = similarity_logsumexp(image_features, text_features, scale,
                                                 normalize=normalize, row_threshold=threshold,
                                                 col_threshold=threshold, backend=backend)
-        return _reduce(pair_losses(image_features, text_features, row_lse, col_lse, scale,
-                                   normalize, 0.0, n=row_lse.shape[0]), reduction)
+        return reduce_losses(pair_losses(image_features, text_features, row_lse, col_lse, scale,
+                                         normalize, 0.0, n=row_lse.shape[0]), reduction)
     if name == "naive":
         return _naive_contrastive(image_features, text_features, scale, normalize,
                                   label_smoothing, reduction)
 
     row_lse, col_lse = lse(image_features, text_features, scale, normalize, name)
-    return _reduce(pair_losses(image_features, text_features, row_lse, col_lse, scale, normalize,
-                               label_smoothing, n=row_lse.shape[0]), reduction)
+    return reduce_losses(pair_losses(image_features, text_features, row_lse, col_lse, scale, normalize,
+                                     label_smoothing, n=row_lse.shape[0]), reduction)
 
 
 def pair_losses(image_features, text_features, row_lse, col_lse, scale, normalize,
@@ -313,14 +334,14 @@ def pair_losses(image_features, text_features, row_lse, col_lse, scale, normaliz
     column logsumexps and the O(N*D) terms. ``n``: the rows of the whole batch;
     ``batch_sum``: a (D,) sum over these rows -> the sum over the whole batch (the
     identity on one process, a sum over ranks in mmkernels.distributed)."""
-    img, txt = _Side(image_features, normalize), _Side(text_features, normalize)
+    img, txt = Side(image_features, normalize), Side(text_features, normalize)
     positive = scale * img.dot(txt)  # S[i, i]
     row_mean = col_mean = None
     if label_smoothing:
         row_mean = scale * img.dot_vector(batch_sum(txt.total())) / n  # mean_j S[i, j]
         col_mean = scale * txt.dot_vector(batch_sum(img.total())) / n  # mean_i S[i, j]
-    return (_cross_entropy(row_lse, positive, label_smoothing, row_mean)
-            + _cross_entropy(col_lse, positive, label_smoothing, col_mean)) / 2
+    return (cross_entropy_from_lse(row_lse, positive, label_smoothing, row_mean)
+            + cross_entropy_from_lse(col_lse, positive, label_smoothing, col_mean)) / 2
 
 
 def _naive_contrastive(a, b, scale, normalize, label_smoothing, reduction):
@@ -329,13 +350,13 @@ def _naive_contrastive(a, b, scale, normalize, label_smoothing, reduction):
     labels = torch.arange(s.shape[0], device=s.device)
     per_pair = (F.cross_entropy(s, labels, label_smoothing=label_smoothing, reduction="none")
                 + F.cross_entropy(s.T, labels, label_smoothing=label_smoothing, reduction="none")) / 2
-    return _reduce(per_pair, reduction)
+    return reduce_losses(per_pair, reduction)
 
 
 # --- groups ------------------------------------------------------------------------
 
-def _grouped_targets(x: _Side, y: _Side, groups: _Groups, row_group: Tensor, positive: Tensor,
-                     scale: Tensor, group_mode: str, label_smoothing: float, candidates: int):
+def grouped_targets(x: Side, y: Side, groups: Groups, row_group: Tensor, positive: Tensor,
+                    scale: Tensor, group_mode: str, label_smoothing: float, candidates: int):
     """(target, smooth) of one direction, rows ``x`` against candidates ``y`` (whose
     groups are ``groups``), row i in group ``row_group[i]``, its own positive logit
     ``positive[i]``: the mean logit of the positives and of the softmax's candidates."""
@@ -354,7 +375,7 @@ def _grouped_targets(x: _Side, y: _Side, groups: _Groups, row_group: Tensor, pos
 
 def _grouped_pair_losses(a, b, scale, normalize, label_smoothing, ids, group_mode, margin,
                          name, backend):
-    img, txt = _Side(a, normalize), _Side(b, normalize)
+    img, txt = Side(a, normalize), Side(b, normalize)
     positive = scale * img.dot(txt)  # S[i, i]
     if group_mode == "positives":
         row_lse, col_lse = lse(a, b, scale, normalize, name)
@@ -363,13 +384,13 @@ def _grouped_pair_losses(a, b, scale, normalize, label_smoothing, ids, group_mod
         row_lse, col_lse = similarity_logsumexp(a, b, scale, normalize=normalize, row_groups=ids,
                                                 col_groups=ids, row_threshold=threshold,
                                                 col_threshold=threshold, backend=backend)
-    groups = _Groups(ids, positive.dtype)
+    groups = Groups(ids, positive.dtype)
     n = a.shape[0]
     per_direction = []
     for x, y, stat in ((img, txt, row_lse), (txt, img, col_lse)):
-        target, smooth = _grouped_targets(x, y, groups, groups.index, positive, scale,
-                                          group_mode, label_smoothing, n)
-        per_direction.append(_cross_entropy(stat, target, label_smoothing, smooth))
+        target, smooth = grouped_targets(x, y, groups, groups.index, positive, scale,
+                                         group_mode, label_smoothing, n)
+        per_direction.append(cross_entropy_from_lse(stat, target, label_smoothing, smooth))
     return (per_direction[0] + per_direction[1]) / 2
 
 
@@ -377,14 +398,14 @@ def _grouped_pair_losses(a, b, scale, normalize, label_smoothing, ids, group_mod
 
 def _debiased_pair_losses(a, b, scale, normalize, tau_plus, backend):
     n = a.shape[0]
-    positive = scale * _Side(a, normalize).dot(_Side(b, normalize))  # S[i, i]
+    positive = scale * Side(a, normalize).dot(Side(b, normalize))  # S[i, i]
     no_positive = torch.full((n,), -1, dtype=torch.int64, device=a.device)
     neg_row, neg_col = similarity_logsumexp(a, b, scale, normalize=normalize,
                                             exclude_diagonal=True, positives=no_positive,
                                             backend=backend)
     row_floor, col_floor = _logit_floors(a, b, scale, normalize)
-    return (_debiased(positive, neg_row, row_floor, tau_plus, n - 1)
-            + _debiased(positive, neg_col, col_floor, tau_plus, n - 1)) / 2
+    return (debiased_losses(positive, neg_row, row_floor, tau_plus, n - 1)
+            + debiased_losses(positive, neg_col, col_floor, tau_plus, n - 1)) / 2
 
 
 def _logit_floors(a, b, scale, normalize):
@@ -398,8 +419,8 @@ def _logit_floors(a, b, scale, normalize):
     return -bound * norm_a * norm_b.max(), -bound * norm_b * norm_a.max()
 
 
-def _debiased(positive: Tensor, neg_lse: Tensor, floor: Tensor, tau_plus: float,
-              negatives: int) -> Tensor:
+def debiased_losses(positive: Tensor, neg_lse: Tensor, floor: Tensor, tau_plus: float,
+                    negatives: int) -> Tensor:
     """``log(pos + Ng) - S[i, i]`` per row, in log space (module docstring)."""
     log_floor = math.log(negatives) + floor
     if tau_plus == 0.0:
@@ -472,28 +493,28 @@ def info_nce(query: Tensor, keys: Tensor, labels: Tensor | None = None, logit_sc
     if groups is not None:
         if group_mode == "exclude":
             masked_logsumexp.masked_backend(backend, query.device)  # its error before any kernel
-        return _reduce(_grouped_info_nce(query, keys, labels, scale, normalize, label_smoothing,
-                                         groups, group_mode, margin, name, backend), reduction)
+        return reduce_losses(_grouped_info_nce(query, keys, labels, scale, normalize, label_smoothing,
+                                               groups, group_mode, margin, name, backend), reduction)
     if margin is not None:
-        positive = scale * _Side(query, normalize).dot(_Side(keys, normalize), rows=labels)
+        positive = scale * Side(query, normalize).dot(Side(keys, normalize), rows=labels)
         row_lse, _ = similarity_logsumexp(query, keys, scale, normalize=normalize,
                                           row_threshold=positive.detach() + margin,
                                           positives=labels, backend=backend)
-        return _reduce(row_lse - positive, reduction)
+        return reduce_losses(row_lse - positive, reduction)
     if name == "naive":
         s = similarity_matrix(query, keys, scale, normalize)
         return F.cross_entropy(s, labels, label_smoothing=label_smoothing, reduction=reduction)
 
     row_lse, _ = lse(query, keys, scale, normalize, name)
-    q, k = _Side(query, normalize), _Side(keys, normalize)
+    q, k = Side(query, normalize), Side(keys, normalize)
     positive = scale * q.dot(k, rows=labels)  # S[i, labels[i]]
     row_mean = scale * q.dot_vector(k.total()) / m if label_smoothing else None
-    return _reduce(_cross_entropy(row_lse, positive, label_smoothing, row_mean), reduction)
+    return reduce_losses(cross_entropy_from_lse(row_lse, positive, label_smoothing, row_mean), reduction)
 
 
 def _grouped_info_nce(query, keys, labels, scale, normalize, label_smoothing, ids, group_mode,
                       margin, name, backend):
-    q, k = _Side(query, normalize), _Side(keys, normalize)
+    q, k = Side(query, normalize), Side(keys, normalize)
     positive = scale * q.dot(k, rows=labels)  # S[i, labels[i]]
     if group_mode == "positives":
         row_lse, _ = lse(query, keys, scale, normalize, name)
@@ -503,7 +524,7 @@ def _grouped_info_nce(query, keys, labels, scale, normalize, label_smoothing, id
                                           row_groups=ids[labels], col_groups=ids,
                                           row_threshold=threshold, positives=labels,
                                           backend=backend)
-    groups = _Groups(ids, positive.dtype)
-    target, smooth = _grouped_targets(q, k, groups, groups.index[labels], positive, scale,
-                                      group_mode, label_smoothing, keys.shape[0])
-    return _cross_entropy(row_lse, target, label_smoothing, smooth)
+    groups = Groups(ids, positive.dtype)
+    target, smooth = grouped_targets(q, k, groups, groups.index[labels], positive, scale,
+                                     group_mode, label_smoothing, keys.shape[0])
+    return cross_entropy_from_lse(row_lse, target, label_smoothing, smooth)

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from mmkernels import _checks, backends
 from mmkernels.ops import masked_logsumexp
-from mmkernels.ops.contrastive import _reduce, _Side, check_margin
+from mmkernels.ops.contrastive import Side, check_margin, reduce_losses
 from mmkernels.ops.logsumexp import similarity_logsumexp, similarity_matrix
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
@@ -147,7 +147,7 @@ def _reference_per_row(query, docs, scale, directions, partition_mode, margin, n
 def _per_row(query, docs, scale, directions, partition_mode, margin, normalize, backend):
     n, m = query.shape[0], docs.shape[0]
     d_pos = docs[:n]
-    positive = scale * _Side(query, normalize).dot(_Side(d_pos, normalize))  # p_i
+    positive = scale * Side(query, normalize).dot(Side(d_pos, normalize))  # p_i
     threshold = None if margin is None else positive.detach() + margin
     no_positive = torch.full((n,), -1, dtype=torch.int64, device=query.device)
 
@@ -229,5 +229,5 @@ def multiple_negatives_loss(query: Tensor, docs, *, logit_scale=20.0,
     scale = _checks.as_scalar_tensor("logit_scale", logit_scale, query)
     args = (query, docs, scale, directions, partition_mode, margin, normalize)
     if name == "naive":
-        return _reduce(_reference_per_row(*args), reduction)
-    return _reduce(_per_row(*args, backend), reduction)
+        return reduce_losses(_reference_per_row(*args), reduction)
+    return reduce_losses(_per_row(*args, backend), reduction)

@@ -14,6 +14,7 @@ Everything a launcher decides before a kernel runs lives here, in plain Python:
   the interpreter, so that tests straddle tile edges at small sizes;
 - the split of the forward's persistent grid into row groups x column splits;
 - the size of the backward's scratch block of P;
+- :func:`tile_args`, the launch arguments every S-tile kernel takes alike;
 - :func:`launch`, the one call through which every kernel starts.
 
 Config lists were written for the tensor-core paths of sm90 (wgmma,
@@ -227,6 +228,20 @@ def _autotuner(kernel, kind, arch_name, dclass, key, restore, deterministic, kee
 
 
 # --- host-side pieces shared by the launchers of every op ------------------------------
+
+def tile_args(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> dict:
+    """The launch arguments, by keyword, that every S-tile kernel of the logsumexp and
+    SigLIP ops (their forward and their backward's P kernel) takes under the same names:
+    the features' strides and the constexprs that decide how a tile of S is computed.
+
+    The kernels spell these parameters out each (a ``@triton.jit`` function binds its
+    launch arguments by its own signature); their values are decided here once. A
+    backward passes the whole ``a`` and ``b``: its blocks are row slices of them, with
+    the same strides.
+    """
+    return dict(stride_an=a.stride(0), stride_ad=a.stride(1), stride_bm=b.stride(0), stride_bd=b.stride(1),
+                NORMALIZE=normalize, IS_FP64=a.dtype == torch.float64, PRECISION=input_precision(a.dtype))
+
 
 def inverse_norms(a: torch.Tensor, b: torch.Tensor, normalize: bool, dummy: torch.Tensor):
     """(ra, rb) when normalizing, else ``dummy`` twice (a pointer the kernels never read)."""

@@ -511,12 +511,10 @@ def _forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, normalize: b
     _launch.launch(
         kernel, split,
         a, b, ra, rb, scale, row_part, col_part, n, m, d,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        row_part.stride(0), row_part.stride(1), col_part.stride(0), col_part.stride(1),
-        _launch.bucket(n), _launch.bucket(m), _launch.bucket(d),
-        NORMALIZE=normalize, IS_FP64=dtype == torch.float64,
-        PRECISION=_launch.input_precision(a.dtype), FAST=FAST_RANGE,
-        **_rule_pointers(*_rule_tensors(rules, flags)), **flags)
+        stride_rp_stat=row_part.stride(0), stride_rp_split=row_part.stride(1),
+        stride_cp_stat=col_part.stride(0), stride_cp_group=col_part.stride(1),
+        N_KEY=_launch.bucket(n), M_KEY=_launch.bucket(m), D_KEY=_launch.bucket(d), FAST=FAST_RANGE,
+        **_launch.tile_args(a, b, normalize), **_rule_pointers(*_rule_tensors(rules, flags)), **flags)
     return _merge(row_part), _merge(col_part)
 
 
@@ -563,8 +561,8 @@ def _backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, rules=NO_R
     flags = _rule_flags(rules)
     masked = any(flags.values())
     kernel = _tile_kernel(_lse_bwd_p_kernel, a.device, a.dtype, ("I_KEY", "J_KEY", "D_KEY"), (), flags)
-    keys = (_launch.bucket(rows), _launch.bucket(cols), _launch.bucket(d))
-    precision = _launch.input_precision(a.dtype)
+    keys = dict(I_KEY=_launch.bucket(rows), J_KEY=_launch.bucket(cols), D_KEY=_launch.bucket(d))
+    tile_args = _launch.tile_args(a, b, normalize)
     row_rules, col_rules = _rule_tensors(rules, flags)
     # Views of each block row and block column made once, not once per block:
     # the loop runs N*M / (rows*cols) times, and its host time per block must
@@ -586,10 +584,7 @@ def _backward(a, b, scale, normalize, row_lse, col_lse, g_row, g_col, rules=NO_R
                 kernel, _launch.tile_grid(*shape),
                 a_blk, b_blk, ra_blk, rb_blk, scale, row_lse_blk, col_lse_blk,
                 g_row_blk, g_col_blk, sigma, p,
-                shape[0], shape[1], d,
-                a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0),
-                *keys, NORMALIZE=normalize, IS_FP64=dtype == torch.float64,
-                PRECISION=precision, FAST=FAST_RANGE,
+                shape[0], shape[1], d, stride_p=p.stride(0), FAST=FAST_RANGE, **keys, **tile_args,
                 **_rule_pointers(row_rules_blk, col_rules_blk), **offsets, **flags)
             wanted = [(p_blk, b_blk, rb_blk if normalize else None, pb_blk, j0 > 0) if compute_pb else None,
                       (p_blk_t, a_blk, ra_blk if normalize else None, pa_blk, i0 > 0) if compute_pa else None]

@@ -222,10 +222,8 @@ def _forward(a, b, scale, bias, normalize: bool, diagonal: bool) -> torch.Tensor
     _launch.launch(
         kernel, split,
         a, b, ra, rb, scale, bias, part, n, m, d,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), part.stride(0),
-        _launch.bucket(n), _launch.bucket(m), _launch.bucket(d),
-        NORMALIZE=normalize, DIAGONAL=diagonal, IS_FP64=dtype == torch.float64,
-        PRECISION=_launch.input_precision(a.dtype))
+        stride_part=part.stride(0), N_KEY=_launch.bucket(n), M_KEY=_launch.bucket(m), D_KEY=_launch.bucket(d),
+        DIAGONAL=diagonal, **_launch.tile_args(a, b, normalize))
     return part.sum(0)
 
 
@@ -252,8 +250,8 @@ def _backward(a, b, scale, bias, normalize: bool, diagonal: bool, g_row):
     # slots the winner leaves unused stay 0.
     part = torch.zeros((max(triton.cdiv(cols, c.kwargs["BLOCK_N"]) for c in kernel.configs), rows),
                        device=a.device, dtype=dtype)
-    keys = (_launch.bucket(rows), _launch.bucket(cols), _launch.bucket(d))
-    precision = _launch.input_precision(a.dtype)
+    keys = dict(I_KEY=_launch.bucket(rows), J_KEY=_launch.bucket(cols), D_KEY=_launch.bucket(d))
+    tile_args = _launch.tile_args(a, b, normalize)
     row_parts = _launch.blocks(n, rows, a, ra, g_row, pb)
     col_parts = _launch.blocks(m, cols, b, rb, pa)
     p_views = {}
@@ -270,9 +268,7 @@ def _backward(a, b, scale, bias, normalize: bool, diagonal: bool, g_row):
                 kernel, _launch.tile_grid(*shape),
                 a_blk, b_blk, ra_blk, rb_blk, scale, bias, g_row_blk, sigma, p, part,
                 shape[0], shape[1], d, i0 - j0, int(j0 > 0),
-                a.stride(0), a.stride(1), b.stride(0), b.stride(1), p.stride(0), part.stride(0),
-                *keys, NORMALIZE=normalize, DIAGONAL=diagonal, IS_FP64=dtype == torch.float64,
-                PRECISION=precision)
+                stride_p=p.stride(0), stride_part=part.stride(0), DIAGONAL=diagonal, **keys, **tile_args)
             products((p_blk, b_blk, rb_blk if normalize else None, pb_blk, j0 > 0),
                      (p_blk_t, a_blk, ra_blk if normalize else None, pa_blk, i0 > 0),
                      alpha, key_shape=(rows, cols))
