@@ -8,6 +8,7 @@ the file takes well under a minute on an idle 2-core machine.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -244,6 +245,29 @@ def test_lr_schedule():
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     assert values[4] == 1.0 and all(a >= b for a, b in zip(values[4:], values[5:]))
     assert values[-1] < 0.01
+    # The default warmup: 5% of the run, at least 25 steps; a shorter run warms up throughout.
+    assert [train.default_warmup(s) for s in (1, 60, 500, 501, 1000)] == [25, 25, 25, 25, 50]
+    short = [train.lr_lambda(s, warmup=25, total=10) for s in range(10)]
+    assert short == [(s + 1) / 25 for s in range(10)]
+
+
+def test_collapse_watch():
+    """Warns once, after warmup, when the loss has sat at log(batch) for the patience."""
+    uniform = math.log(256)
+    watch = train.CollapseWatch(warmup=5, total=100)
+    # At log(N) during warmup: not yet a collapse.
+    assert all(watch.update(step, uniform, 256) is None for step in range(1, 6))
+    # 9 steps at log(N), one below it (learning), then 10 at log(N) + round-off.
+    assert all(watch.update(step, uniform, 256) is None for step in range(6, 15))
+    assert watch.update(15, uniform - 0.2, 256) is None
+    warnings = [watch.update(step, uniform + 1e-4, 256) for step in range(16, 30)]
+    assert warnings[:9] == [None] * 9 and "log(256) = 5.545" in warnings[9] and "(steps 16..25)" in warnings[9]
+    assert warnings[10:] == [None] * 4 and watch.warned_at == 25
+    learning = train.CollapseWatch(warmup=0, total=100)
+    assert all(learning.update(s, uniform - 0.1 - s / 100, 256) is None for s in range(1, 100))
+    # A short run: the patience shrinks to half the steps after warmup, at least 3.
+    assert train.CollapseWatch(warmup=25, total=35).patience == 5
+    assert train.CollapseWatch(warmup=25, total=26).patience == 3
 
 
 # --- data-parallel ------------------------------------------------------------------------
@@ -299,6 +323,42 @@ def test_short_training_lifts_recall_far_above_chance(tmp_path, capsys):
     records = [json.loads(r) for r in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [100, 200]
     assert records[0]["loss"] > records[-2]["loss"]
+
+
+def _default_model_run(tmp_path, name, capsys, *args):
+    """The trainer's own defaults (the tiny model, batch 256, lr 2e-3), one thread."""
+    threads = torch.get_num_threads()
+    try:
+        code = train.main(["--output", str(tmp_path / name), "--val-data", "none", "--no-plot",
+                           "--threads", "1", "--log-every", "1", *map(str, args)])
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    losses = [json.loads(r)["loss"] for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return code, json.loads(out.splitlines()[-1]), err, losses
+
+
+def test_a_short_run_with_the_defaults_learns(tmp_path, capsys):
+    """Issue 18.5: `python -m mmkernels.train --steps 60` once warmed up for 3
+    steps (5%) and collapsed to log(256) = 5.545 for good; with the warmup floor
+    (25 steps) it reaches 3.45 (40 CPU-seconds). Batch 64 collapsed the same way
+    (to log(64) = 4.159) and now reaches 2.31, in a quarter of the time."""
+    code, summary, err, losses = _default_model_run(tmp_path, "short", capsys, "--steps", 60,
+                                                    "--batch-size", 64)
+    assert code == 0
+    assert losses[-1] < math.log(64) - 1.0, losses[::10]
+    assert summary["collapsed"] is False and "collapsed" not in err
+
+
+def test_a_collapsed_run_warns(tmp_path, capsys):
+    """The old default's collapse, made cheap (batch 64, one warmup step): the
+    loss sits at log(64) and the trainer says so, once."""
+    code, summary, err, losses = _default_model_run(tmp_path, "collapsed", capsys, "--steps", 30,
+                                                    "--warmup", 1, "--batch-size", 64)
+    assert code == 0
+    assert abs(losses[-1] - math.log(64)) < 0.01, losses[::5]
+    assert err.count("warning: the loss has stayed at log(64) = 4.159") == 1, err
+    assert summary["collapsed"] is True
 
 
 def test_bf16_autocast_path_runs(tmp_path, capsys):

@@ -2,9 +2,9 @@
 
 The recipe: image-caption pairs, a ViT image tower and a causal text
 Transformer (mmkernels/models/clip.py), the symmetric contrastive loss of an
-mmkernels backend (``--loss``), AdamW with linear warmup and cosine decay,
-bf16 autocast on GPU, then retrieval (recall@1/5/10 both ways) and zero-shot
-evaluation. Default: the ``tiny`` model on the built-in synthetic data,
+mmkernels backend (``--loss``), AdamW with linear warmup (5% of the steps,
+at least 25) and cosine decay, bf16 autocast on GPU, then retrieval
+(recall@1/5/10 both ways) and zero-shot evaluation. Default: the ``tiny`` model on the built-in synthetic data,
 which needs no download::
 
     python -m mmkernels.train --output runs/tiny
@@ -37,6 +37,8 @@ loss is the global one.
 """
 
 from mmkernels.train.options import build_parser
-from mmkernels.train.trainer import DataError, Trainer, lr_lambda, main, make_optimizer
+from mmkernels.train.trainer import (CollapseWatch, DataError, Trainer, default_warmup, lr_lambda,
+                                     main, make_optimizer)
 
-__all__ = ["DataError", "Trainer", "build_parser", "lr_lambda", "main", "make_optimizer"]
+__all__ = ["CollapseWatch", "DataError", "Trainer", "build_parser", "default_warmup", "lr_lambda",
+           "main", "make_optimizer"]

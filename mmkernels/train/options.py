@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=500, help="optimizer steps")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    g.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    g.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps, at least 25; a shorter run "
+                        "warms up throughout)")
     g.add_argument("--beta1", type=float, default=0.9)
     g.add_argument("--beta2", type=float, default=0.98)
     g.add_argument("--eps", type=float, default=1e-6)

@@ -33,12 +33,63 @@ class DataError(RuntimeError):
 
 # --- pieces -----------------------------------------------------------------------
 
+# Warmup: 5% of the run, but never fewer than 25 steps. Adam moves every
+# parameter by about lr per step whatever its gradient's size, and the tiny
+# model's embedding tables start at std 0.01-0.02: three steps at the peak lr
+# 2e-3 (the 5% of a 60-step run) shift them by a good part of their scale in
+# one shared direction, every embedding ends up alike and the loss sits at
+# log(batch) from then on (the gradients shrink ~500x while Adam's second
+# moments, beta2 0.98, still remember the large first ones). 25 steps is the
+# 5% of the default 500, which learns; a run shorter than the floor warms up
+# for all its steps and never reaches the peak lr.
+WARMUP_FLOOR = 25
+
+
+def default_warmup(steps: int) -> int:
+    """The warmup of a run of ``steps`` steps without ``--warmup``: 5% of it, at least 25."""
+    return max(steps // 20, WARMUP_FLOOR)
+
+
 def lr_lambda(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at
+    ``total`` (a warmup longer than the run ends it below 1)."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class CollapseWatch:
+    """Detects a collapsed run: once warmup is over, the loss stays at log(N),
+    that of a uniform guess over the N pairs of the batch, which is where a
+    contrastive loss lands when every embedding is alike (and a learning run
+    has left). :meth:`update` returns the warning, once, when the loss has
+    been within ``rtol * log(N)`` of log(N) for ``patience`` consecutive steps
+    after warmup (fewer when the run has fewer left, but at least 3)."""
+
+    def __init__(self, warmup: int, total: int, patience: int = 10, rtol: float = 0.01):
+        self.warmup = warmup
+        self.patience = max(3, min(patience, (total - warmup) // 2))
+        self.rtol = rtol
+        self.count = 0
+        self.warned_at: int | None = None
+
+    def update(self, step: int, loss: float, pairs: int) -> str | None:
+        """Record the loss of ``step`` (1-based) over a batch of ``pairs``; the
+        warning the first time the run is found collapsed, else None."""
+        uniform = math.log(pairs)
+        if step <= self.warmup or abs(loss - uniform) > self.rtol * uniform:
+            self.count = 0
+            return None
+        self.count += 1
+        if self.count < self.patience or self.warned_at is not None:
+            return None
+        self.warned_at = step
+        return (f"warning: the loss has stayed at log({pairs}) = {uniform:.3f}, that of a uniform "
+                f"guess over the batch, for {self.count} steps after warmup (steps {step - self.count + 1}"
+                f"..{step}): "
+                "the run has collapsed (every embedding alike) and is not learning; a longer "
+                "--warmup or a smaller --lr avoids it")
 
 
 def make_optimizer(model, args):
@@ -117,7 +168,7 @@ class Trainer:
         self.is_main = self.rank == 0
 
         self.out = Path(args.output or f"runs/{args.model}")
-        self.warmup = args.warmup if args.warmup is not None else args.steps // 20
+        self.warmup = args.warmup if args.warmup is not None else default_warmup(args.steps)
         self.eval_every = args.eval_every if args.eval_every is not None else max(1, args.steps // 10)
         self.save_every = args.save_every if args.save_every is not None else self.eval_every
         self.micro_batch = args.micro_batch or args.batch_size
@@ -154,6 +205,8 @@ class Trainer:
         self.skipped = 0
         self.elapsed_before = 0.0
         self.last_eval: dict = {}
+        self.pairs = args.batch_size  # of the last step, all ranks
+        self.collapse = CollapseWatch(self.warmup, args.steps)
 
     # -- checkpoints --
     def _result_args(self) -> dict:
@@ -233,6 +286,7 @@ class Trainer:
             first = batch.skipped[0][1] if batch.skipped else "no items"
             raise DataError(f"data: only {n} item(s) of the batch of step {batch.step} could be "
                             f"loaded; first error: {first}")
+        self.pairs = n * self.world_size
         images = batch.images[:n].to(self.device, non_blocking=True)
         tokens = batch.tokens[:n].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -292,6 +346,9 @@ class Trainer:
                 window_n += batch.images.shape[0] * self.world_size
                 progress.update(1)
                 progress.set_postfix(loss=f"{float(loss):.4f}")
+                warning = self.collapse.update(self.step, float(loss), self.pairs)
+                if warning and self.is_main:
+                    _log(warning)
                 if self.step % args.log_every == 0 or self.step == args.steps:
                     now = time.perf_counter()
                     self.metrics.write({
@@ -323,7 +380,8 @@ class Trainer:
                                                     f"{args.model} on {args.data}, batch {args.batch_size}"):
                 _log("matplotlib is not installed: no curves.png (pip install 'mmkernels[train]')")
             summary = {**self.last_eval, "step": self.step, "loss": self._last_loss(),
-                       "elapsed_s": round(elapsed(), 1), "skipped": self.skipped, "output": str(self.out)}
+                       "elapsed_s": round(elapsed(), 1), "skipped": self.skipped,
+                       "collapsed": self.collapse.warned_at is not None, "output": str(self.out)}
             print(json.dumps(summary), flush=True)
         return 0
 
