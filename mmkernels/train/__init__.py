@@ -32,8 +32,9 @@ mid-run (unreadable data, a non-finite loss) also saves the last completed
 step before it is raised.
 
 Data-parallel: ``torchrun --nproc-per-node W -m mmkernels.train ...``
-(mmkernels/train/parallel.py): every rank encodes 1/W of the batch and the
-loss is the global one.
+(mmkernels/train/parallel.py): the model in DistributedDataParallel, every
+rank encodes 1/W of the batch and the loss is the global one; gradient
+caching all-reduces once per step.
 """
 
 from mmkernels.train.options import build_parser

@@ -5,12 +5,21 @@ is that of the whole global batch, ``mmkernels.distributed.contrastive_loss``
 (ring strategy: per-rank memory O(local_N * D); the gather strategy for the
 naive backend). A rank's embedding gradients are those of open_clip's
 ``ClipLoss(gather_with_grad=True)`` (W times the gradient of the global loss
-with respect to its own embeddings), so :func:`average_gradients` (an
-all-reduce mean, done once per step after gradient caching has accumulated
-every chunk) gives each rank exactly the single-process full-batch gradient.
-The model is not wrapped in DistributedDataParallel: its per-backward
-hooks would all-reduce once per micro-batch, and the logit scale receives its
-gradient outside the encoders' backward passes.
+with respect to its own embeddings), so averaging the parameter gradients
+over the ranks gives each rank exactly the single-process full-batch
+gradient: torch's ``DistributedDataParallel`` (:func:`wrap`) does it, in
+buckets overlapped with the backward.
+
+With gradient caching (mmkernels/train/step.py) a step runs several
+forward/backward passes of micro-batches; all but the last run under
+``no_sync()``, so DDP all-reduces once per step, in the last one's backward.
+The logit scale gets its gradient from the loss, outside the encoders'
+backward; the step hands that gradient to the last micro-batch's backward
+through ``model.scale()`` (which the CLIP's forward returns), so DDP averages
+it with the towers' gradients, in the same buckets. (Every rank holds the
+same dL/dscale of the global loss, up to round-off; the average keeps the
+ranks' parameters identical.) DDP also broadcasts rank 0's parameters when
+it wraps the model, so every rank starts from the same weights.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from mmkernels.distributed import contrastive_loss
 
@@ -44,29 +54,11 @@ def loss_function(backend: str):
             f"mmkernels.distributed ({strategy}, {backend})")
 
 
-def broadcast_parameters(model: torch.nn.Module) -> None:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(tensor.data, src=0)
-
-
-def average_gradients(model: torch.nn.Module, bucket_bytes: int = 64 * 2**20) -> None:
-    """All-reduce mean of every parameter gradient, in flat buckets."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    world_size = dist.get_world_size()
-    bucket, size = [], 0
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel() * g.element_size()
-        if bucket and (g is None or size >= bucket_bytes):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
-            flat.div_(world_size)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
-            bucket, size = [], 0
+def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``model`` in DistributedDataParallel on ``device`` (the process group initialized)."""
+    # Every parameter gets its gradient in each synchronized backward (the
+    # scale's through the forward's output), so no search for unused ones.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def all_min(value: int, device: torch.device) -> int:

@@ -191,8 +191,11 @@ class Trainer:
         self.eval_set = _eval_set(args, self.model, self.tokenizer) if self.is_main else None
 
         backend = backends.select_backend(args.loss, self.device)  # fails early, naming the backend
+        # What a step runs: the model itself, or with several processes the
+        # model in DistributedDataParallel (which also broadcasts rank 0's weights).
+        self.step_model = self.model
         if self.world_size > 1:
-            parallel.broadcast_parameters(self.model)
+            self.step_model = parallel.wrap(self.model, self.device)
             self.loss_fn, self.loss_name = parallel.loss_function(args.loss)
         else:
             self.loss_fn = partial(mmkernels.contrastive_loss, backend=args.loss)
@@ -290,9 +293,9 @@ class Trainer:
         images = batch.images[:n].to(self.device, non_blocking=True)
         tokens = batch.tokens[:n].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = contrastive_step(self.model, images, tokens, self.loss_fn, self.micro_batch, self.autocast)
-        if self.world_size > 1:
-            parallel.average_gradients(self.model)
+        # With several processes, DDP has averaged the gradients when this returns.
+        loss = contrastive_step(self.step_model, images, tokens, self.loss_fn, self.micro_batch,
+                                self.autocast)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss is {float(loss)} at step {batch.step}")
         if self.args.grad_clip:
