@@ -31,6 +31,10 @@ augmentations and the random state are functions of the step). An error
 mid-run (unreadable data, a non-finite loss) also saves the last completed
 step before it is raised.
 
+A Hugging Face checkpoint: ``--hf-model DIR`` fine-tunes the ``CLIPModel``
+or ``SiglipModel`` saved in DIR, with its processor, offline, and saves the
+result with ``save_pretrained`` to ``OUTPUT/hf`` (mmkernels/train/hf.py).
+
 Data-parallel: ``torchrun --nproc-per-node W -m mmkernels.train ...``
 (mmkernels/train/parallel.py): the model in DistributedDataParallel, every
 rank encodes 1/W of the batch and the loss is the global one; gradient

@@ -35,10 +35,11 @@ the last chunk's backward, bucket by bucket as its gradients become ready
 (overlapped with the rest of that backward).
 
 The logit scale is the one parameter whose gradient comes from the loss, not
-from the encoders' backward: pass 2 differentiates the loss with respect to
-the scale's *value* (``exp(logit_scale)``, detached), and the last chunk of
-pass 3 back-propagates that gradient through ``model.scale()``, which its
-forward returns beside the embeddings. So the parameter receives its
+from the encoders' backward (with SigLIP's bias): pass 2 differentiates the
+loss with respect to the scale's *value* (``exp(logit_scale)``, as the
+forward of pass 1 returned it, detached), and the last chunk of pass 3
+back-propagates that gradient through ``model.scale()``, which its forward
+returns beside the embeddings. So the parameter receives its
 gradient inside the synchronized backward, and DDP averages it in the same
 buckets as the towers' (no collective of its own, and no unused parameter).
 
@@ -90,11 +91,12 @@ def encode_pair(model, images: Tensor, tokens: Tensor, autocast=contextlib.nullc
     return image_features.float(), text_features.float()
 
 
-def _forward(model, images: Tensor, tokens: Tensor, autocast) -> tuple[Tensor, Tensor, Tensor]:
-    """``model(images, tokens)`` under ``autocast``: fp32 features and the fp32 scale."""
+def _forward(model, images: Tensor, tokens: Tensor, autocast) -> tuple[Tensor, ...]:
+    """``model(images, tokens)`` under ``autocast``: the fp32 features, then the
+    loss's parameters (the scale; SigLIP's bias too), fp32."""
     with autocast():
-        image_features, text_features, scale = model(images, tokens)
-    return image_features.float(), text_features.float(), scale.float()
+        outputs = model(images, tokens)
+    return tuple(t.float() for t in outputs)
 
 
 def contrastive_step(model, images: Tensor, tokens: Tensor, loss_fn: LossFn,
@@ -104,12 +106,13 @@ def contrastive_step(model, images: Tensor, tokens: Tensor, loss_fn: LossFn,
 
     Args:
         model: a CLIP (``model(images, tokens)`` returns the normalized image
-            and text features and the logit multiplier ``scale()``), or a
+            and text features and the logit multiplier ``scale()``, then any
+            other parameter of the loss, such as SigLIP's bias), or a
             ``DistributedDataParallel`` of one: its gradients are all-reduced
             once, in the backward of the last micro-batch.
         images, tokens: the batch, (N, 3, S, S) and (N, L).
-        loss_fn: ``loss_fn(image_features, text_features, logit_scale)``,
-            e.g. ``mmkernels.contrastive_loss``.
+        loss_fn: ``loss_fn(image_features, text_features, logit_scale, ...)``
+            (what the model returns), e.g. ``mmkernels.contrastive_loss``.
         micro_batch: encoder chunk for gradient caching; None or >= N runs
             the whole batch through autograd at once.
         autocast: a context manager factory for the encoders (bf16 on GPU).
@@ -118,8 +121,7 @@ def contrastive_step(model, images: Tensor, tokens: Tensor, loss_fn: LossFn,
     if tokens.shape[0] != n:
         raise ValueError(f"tokens: expected {n} rows like images, got {tuple(tokens.shape)}")
     if micro_batch is None or micro_batch >= n:
-        image_features, text_features, scale = _forward(model, images, tokens, autocast)
-        loss = loss_fn(image_features, text_features, scale)
+        loss = loss_fn(*_forward(model, images, tokens, autocast))
         loss.backward()
         return loss.detach()
 
@@ -133,34 +135,37 @@ def contrastive_step(model, images: Tensor, tokens: Tensor, loss_fn: LossFn,
     with torch.no_grad():
         for a, b in spans:
             states.append(rng_state(device))
-            image_part, text_part, _ = _forward(module, images[a:b], tokens[a:b], autocast)
+            image_part, text_part, *values = _forward(module, images[a:b], tokens[a:b], autocast)
             image_parts.append(image_part)
             text_parts.append(text_part)
     state_after = rng_state(device)
     image_features = torch.cat(image_parts).requires_grad_()
     text_features = torch.cat(text_parts).requires_grad_()
     del image_parts, text_parts
-    # The scale's value, as a leaf: its gradient waits for the last chunk of pass 3.
-    scale_param = module.scale()
-    scale = scale_param.detach().float().requires_grad_(scale_param.requires_grad)
+    # The values of the scale (and bias) as leaves: their gradients wait for the
+    # last chunk of pass 3, whose forward recomputes them from the parameters.
+    values = [v.detach().requires_grad_() for v in values]
 
-    # Pass 2: the loss and its gradients w.r.t. the embeddings and the scale's value.
-    loss = loss_fn(image_features, text_features, scale)
+    # Pass 2: the loss and its gradients w.r.t. the embeddings and those values.
+    loss = loss_fn(image_features, text_features, *values)
     loss.backward()
-    image_grad, text_grad, scale_grad = image_features.grad, text_features.grad, scale.grad
-    del image_features, text_features, scale_param
+    image_grad, text_grad = image_features.grad, text_features.grad
+    value_grads = [v.grad for v in values]
+    del image_features, text_features, values
 
     # Pass 3: each chunk again with autograd, seeded with its embedding gradients;
-    # the last one also carries the scale's, and is the one DDP synchronizes.
+    # the last one also carries the scale's (and bias'), and is the one DDP synchronizes.
     last = len(spans) - 1
     for i, ((a, b), state) in enumerate(zip(spans, states)):
         set_rng_state(state, device)
         with contextlib.nullcontext() if i == last else no_sync():
-            image_part, text_part, scale = _forward(model, images[a:b], tokens[a:b], autocast)
+            image_part, text_part, *values = _forward(model, images[a:b], tokens[a:b], autocast)
             outputs, grads = [image_part, text_part], [image_grad[a:b], text_grad[a:b]]
-            if i == last and scale_grad is not None:
-                outputs.append(scale)
-                grads.append(scale_grad)
+            if i == last:  # a frozen scale (no grad) stays out
+                for value, grad in zip(values, value_grads):
+                    if value.requires_grad and grad is not None:
+                        outputs.append(value)
+                        grads.append(grad)
             torch.autograd.backward(outputs, grads)
     set_rng_state(state_after, device)
     return loss.detach()

@@ -18,7 +18,7 @@ import mmkernels
 from mmkernels import backends
 from mmkernels.data import BatchFetcher, batches, load_items, open_dataset
 from mmkernels.models import create_clip, get_tokenizer
-from mmkernels.train import parallel
+from mmkernels.train import hf, parallel
 from mmkernels.train.evaluation import evaluate
 from mmkernels.train.files import (CHECKPOINT, CURVES, METRICS, MetricsLog, StopSignal,
                                    ignore_stop_signals, load_checkpoint, plot_curves,
@@ -43,6 +43,12 @@ class DataError(RuntimeError):
 # 5% of the default 500, which learns; a run shorter than the floor warms up
 # for all its steps and never reaches the peak lr.
 WARMUP_FLOOR = 25
+# The peak learning rate: training from scratch, and fine-tuning a pretrained
+# Hugging Face CLIP (--hf-model), whose weights a from-scratch rate would wreck.
+DEFAULT_LR = 2e-3
+HF_DEFAULT_LR = 1e-5
+# The folder of the run where --hf-model's result is saved (save_pretrained).
+HF_FOLDER = "hf"
 
 
 def default_warmup(steps: int) -> int:
@@ -65,7 +71,9 @@ class CollapseWatch:
     contrastive loss lands when every embedding is alike (and a learning run
     has left). :meth:`update` returns the warning, once, when the loss has
     been within ``rtol * log(N)`` of log(N) for ``patience`` consecutive steps
-    after warmup (fewer when the run has fewer left, but at least 3)."""
+    after warmup (fewer when the run has fewer left, but at least 3), and a
+    note if the loss leaves log(N) afterwards (a small model can sit there a
+    while before it learns). ``collapsed``: whether the run is collapsed now."""
 
     def __init__(self, warmup: int, total: int, patience: int = 10, rtol: float = 0.01):
         self.warmup = warmup
@@ -73,23 +81,29 @@ class CollapseWatch:
         self.rtol = rtol
         self.count = 0
         self.warned_at: int | None = None
+        self.collapsed = False
 
     def update(self, step: int, loss: float, pairs: int) -> str | None:
         """Record the loss of ``step`` (1-based) over a batch of ``pairs``; the
-        warning the first time the run is found collapsed, else None."""
+        warning the first time the run is found collapsed, the note when it
+        leaves the collapse, else None."""
         uniform = math.log(pairs)
         if step <= self.warmup or abs(loss - uniform) > self.rtol * uniform:
             self.count = 0
+            if self.collapsed and loss < uniform:
+                self.collapsed = False
+                return (f"note: the loss has left log({pairs}) at step {step} ({loss:.3f}): "
+                        "the run is learning after all")
             return None
         self.count += 1
         if self.count < self.patience or self.warned_at is not None:
             return None
         self.warned_at = step
+        self.collapsed = True
         return (f"warning: the loss has stayed at log({pairs}) = {uniform:.3f}, that of a uniform "
                 f"guess over the batch, for {self.count} steps after warmup (steps {step - self.count + 1}"
-                f"..{step}): "
-                "the run has collapsed (every embedding alike) and is not learning; a longer "
-                "--warmup or a smaller --lr avoids it")
+                f"..{step}): the run has collapsed (every embedding alike) and is not learning; a "
+                "longer --warmup or a smaller --lr avoids it")
 
 
 def make_optimizer(model, args):
@@ -98,23 +112,25 @@ def make_optimizer(model, args):
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+                             lr=DEFAULT_LR if args.lr is None else args.lr,
+                             betas=(args.beta1, args.beta2), eps=args.eps)
 
 
 def _log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def _eval_set(args, model, tokenizer):
-    """Evaluation images, tokens, groups and zero-shot tasks, or None."""
+def _eval_set(args, model, tokenizer, wrap=lambda dataset: dataset):
+    """Evaluation images, tokens, groups and zero-shot tasks, or None
+    (``wrap``: what the dataset goes through, e.g. a Hugging Face processor)."""
     spec = args.val_data
     if spec == "auto":
         spec = "synthetic" if args.data == "synthetic" else "none"
     if spec == "none":
         return None
-    dataset = open_dataset(spec, image_size=model.image_size, train=False, seed=args.data_seed,
-                           synthetic_size=args.val_size, image_key=args.image_key,
-                           caption_key=args.caption_key, separator=args.separator)
+    dataset = wrap(open_dataset(spec, image_size=model.image_size, train=False, seed=args.data_seed,
+                                synthetic_size=args.val_size, image_key=args.image_key,
+                                caption_key=args.caption_key, separator=args.separator))
     indices = list(range(min(args.val_size, len(dataset))))
     images, tokens, kept, skipped = load_items(dataset, tokenizer, indices)
     if skipped:
@@ -167,28 +183,44 @@ class Trainer:
                          else contextlib.nullcontext)
         self.is_main = self.rank == 0
 
-        self.out = Path(args.output or f"runs/{args.model}")
+        self.name = Path(args.hf_model).name if args.hf_model else args.model
+        if args.lr is None:  # from scratch, or fine-tuning a pretrained model
+            args.lr = HF_DEFAULT_LR if args.hf_model else DEFAULT_LR
+        self.out = Path(args.output or f"runs/{self.name}")
         self.warmup = args.warmup if args.warmup is not None else default_warmup(args.steps)
         self.eval_every = args.eval_every if args.eval_every is not None else max(1, args.steps // 10)
         self.save_every = args.save_every if args.save_every is not None else self.eval_every
         self.micro_batch = args.micro_batch or args.batch_size
 
         torch.manual_seed(args.seed)
-        self.model = create_clip(args.model, **parse_model_args(args.model_arg)).to(self.device)
+        wrap = lambda dataset: dataset  # noqa: E731
+        self.processor = None
+        if args.hf_model:
+            if args.model_arg:
+                raise ValueError("--model-arg: does not apply to --hf-model (its config is in the folder)")
+            hf_model, self.processor = hf.load_pretrained(args.hf_model)
+            self.model = hf.HFContrastiveModel(hf_model).to(self.device)
+            if self.model.kind == "siglip" and self.world_size > 1:
+                raise ValueError("--hf-model: a SiglipModel trains on one process here "
+                                 "(data-parallel training has the CLIP loss only)")
+            self.tokenizer = hf.ProcessorTokenizer(self.processor, self.model.context_length)
+            wrap = partial(hf.ProcessorDataset, processor=self.processor)
+        else:
+            self.model = create_clip(args.model, **parse_model_args(args.model_arg)).to(self.device)
+            self.tokenizer = get_tokenizer(args.tokenizer, vocab_size=self.model.config.text.vocab_size,
+                                           context_length=self.model.context_length)
+            _check_tokenizer(self.tokenizer, self.model)
         if self.world_size > 1:  # one initialization, but each rank its own dropout masks
             torch.manual_seed(args.seed + self.rank)
-        self.tokenizer = get_tokenizer(args.tokenizer, vocab_size=self.model.config.text.vocab_size,
-                                       context_length=self.model.context_length)
-        _check_tokenizer(self.tokenizer, self.model)
-        self.dataset = open_dataset(args.data, image_size=self.model.image_size, train=True,
-                                    seed=args.data_seed, synthetic_size=args.synthetic_size,
-                                    image_key=args.image_key, caption_key=args.caption_key,
-                                    separator=args.separator)
+        self.dataset = wrap(open_dataset(args.data, image_size=self.model.image_size, train=True,
+                                         seed=args.data_seed, synthetic_size=args.synthetic_size,
+                                         image_key=args.image_key, caption_key=args.caption_key,
+                                         separator=args.separator))
         if getattr(self.dataset, "skipped_rows", None):
             _log(f"data: skipped rows of {args.data}: {dict(self.dataset.skipped_rows)}")
         self.fetcher = BatchFetcher(self.dataset, self.tokenizer, args.batch_size, args.seed,
                                     rank=self.rank, world_size=self.world_size)
-        self.eval_set = _eval_set(args, self.model, self.tokenizer) if self.is_main else None
+        self.eval_set = _eval_set(args, self.model, self.tokenizer, wrap) if self.is_main else None
 
         backend = backends.select_backend(args.loss, self.device)  # fails early, naming the backend
         # What a step runs: the model itself, or with several processes the
@@ -197,6 +229,9 @@ class Trainer:
         if self.world_size > 1:
             self.step_model = parallel.wrap(self.model, self.device)
             self.loss_fn, self.loss_name = parallel.loss_function(args.loss)
+        elif args.hf_model:
+            self.loss_fn = self.model.loss_function(args.loss)
+            self.loss_name = backend
         else:
             self.loss_fn = partial(mmkernels.contrastive_loss, backend=args.loss)
             self.loss_name = backend
@@ -229,7 +264,9 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "step": step,
                 "data_position": step * self.args.batch_size, "rng": rngs,
                 "skipped": self.skipped, "elapsed_s": elapsed, "args": self._result_args(),
-                "config": dataclasses.asdict(self.model.config), "mmkernels": mmkernels.__version__}
+                "config": (self.model.config_dict() if self.processor is not None
+                           else dataclasses.asdict(self.model.config)),
+                "mmkernels": mmkernels.__version__}
 
     def save(self, step: int, rng: dict, elapsed: float) -> None:
         state = self._state(step, rng, elapsed)
@@ -318,7 +355,7 @@ class Trainer:
         """Train to ``--steps`` (or to a stop signal); returns the exit code."""
         args = self.args
         if self.is_main:
-            _log(f"training {args.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
+            _log(f"training {self.name} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
                  f"parameters) on {args.data}, {self.world_size} process(es) on {self.device}, "
                  f"{self.precision}; batch {args.batch_size}, micro-batch {self.micro_batch}, "
                  f"loss {self.loss_name}; steps {self.step}..{args.steps}; output {self.out}")
@@ -378,13 +415,17 @@ class Trainer:
         if self.last_eval.get("step") != self.step:
             self.run_eval(self.step)
         self.save(self.step, rng_state(self.device), elapsed())
+        if self.is_main and self.processor is not None:
+            self.model.save_pretrained(self.out / HF_FOLDER, self.processor)
         if self.is_main:
             if not args.no_plot and not plot_curves(self.metrics.read(), self.out / CURVES,
-                                                    f"{args.model} on {args.data}, batch {args.batch_size}"):
+                                                    f"{self.name} on {args.data}, batch {args.batch_size}"):
                 _log("matplotlib is not installed: no curves.png (pip install 'mmkernels[train]')")
             summary = {**self.last_eval, "step": self.step, "loss": self._last_loss(),
                        "elapsed_s": round(elapsed(), 1), "skipped": self.skipped,
-                       "collapsed": self.collapse.warned_at is not None, "output": str(self.out)}
+                       "collapsed": self.collapse.collapsed, "output": str(self.out)}
+            if self.processor is not None:
+                summary["hf_model"] = str(self.out / HF_FOLDER)
             print(json.dumps(summary), flush=True)
         return 0
 
