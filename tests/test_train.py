@@ -241,6 +241,12 @@ def test_argument_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "c", "--batch-size", 1)
     assert "at least 2 pairs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(tmp_path, "d", "--fsdp")
+    assert "--fsdp: shards over the processes of torchrun; this run has one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(tmp_path, "e", "--fsdp", "--grad-clip", 1.0)
+    assert "--fsdp: not with --grad-clip" in capsys.readouterr().err
 
 
 def test_lr_schedule():
@@ -319,28 +325,60 @@ def test_ddp_all_reduces_once_per_step(tmp_path):
                                            msg=lambda m: f"micro {micro}, {k}: {m}")
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 @pytest.mark.parametrize("micro", [None, 4])
-def test_two_processes_equal_one(tmp_path, micro):
-    """torchrun with 2 gloo processes on CPU, in DistributedDataParallel, with
-    and without gradient caching: the global-batch loss over both ranks'
-    shards gives the parameters of one process training on the whole batch
-    (the key biases, whose gradient is round-off, to within a fraction of a step)."""
+def test_two_processes_equal_one(tmp_path, micro, fsdp):
+    """torchrun with 2 gloo processes on CPU, in DistributedDataParallel or
+    sharded by FSDP2 (--fsdp), with and without gradient caching: the
+    global-batch loss over both ranks' shards gives the parameters of one
+    process training on the whole batch (the key biases, whose gradient is
+    round-off, to within a fraction of a step)."""
     args = ["--steps", 3, "--batch-size", 12, "--lr", "1e-3", "--warmup", 1]
     if micro:
         args += ["--micro-batch", micro]
+    fsdp_args = ["--fsdp"] if fsdp else []
     out = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", "-m", "mmkernels.train", "--output", str(out),
-                           *QUICK, *map(str, args)], env=child_env(), cwd=ROOT,
+                           *QUICK, *map(str, args), *fsdp_args], env=child_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stderr
+    assert ("2 process(es) sharded (FSDP2)" if fsdp else "2 process(es) in DDP") in proc.stderr
     assert run(tmp_path, "single", *args)[0] == 0
     ddp, ddp_keys = _without_key_biases(params(tmp_path, "ddp"))
     single, single_keys = _without_key_biases(params(tmp_path, "single"))
     assert_same_params(ddp, single, rtol=1e-4, atol=2e-6)
     assert_same_params(ddp_keys, single_keys, rtol=0, atol=1e-3)
     assert len(torch.load(out / "last.pt", weights_only=True)["rng"]) == 2
+
+
+def test_fsdp_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """--fsdp checkpoints: SIGTERM to torchrun (2 gloo processes, gradient
+    caching) saves the whole, gathered state; --resume scatters it back and
+    ends on the parameters of an uninterrupted --fsdp run, bit for bit."""
+    args = [*QUICK, "--steps", "30", "--batch-size", "8", "--micro-batch", "3", "--save-every", "0",
+            "--warmup", "1", "--lr", "1e-3", "--fsdp"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "mmkernels.train"]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([*torchrun, "--output", str(out), *args], env=child_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    _, err = proc.communicate(timeout=300)
+    assert "rerun with --resume" in err, err[-3000:]
+    stopped_at = torch.load(out / "last.pt", weights_only=True)["step"]
+    assert 2 <= stopped_at < 30
+    for name, extra in (("stopped", ["--resume"]), ("straight", [])):
+        done = subprocess.run([*torchrun, "--output", str(tmp_path / name), *args, *extra],
+                              env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_params(params(tmp_path, "stopped"), params(tmp_path, "straight"))
 
 
 # --- evaluation and learning --------------------------------------------------------------

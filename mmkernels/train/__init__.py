@@ -38,7 +38,8 @@ result with ``save_pretrained`` to ``OUTPUT/hf`` (mmkernels/train/hf.py).
 Data-parallel: ``torchrun --nproc-per-node W -m mmkernels.train ...``
 (mmkernels/train/parallel.py): the model in DistributedDataParallel, every
 rank encodes 1/W of the batch and the loss is the global one; gradient
-caching all-reduces once per step.
+caching all-reduces once per step. ``--fsdp`` shards the model over the
+ranks (FSDP2) instead of replicating it.
 """
 
 from mmkernels.train.options import build_parser

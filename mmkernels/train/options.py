@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="encoder precision: auto is bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    g.add_argument("--fsdp", action="store_true",
+                   help="with torchrun: shard parameters, gradients and optimizer state over the "
+                        "ranks (FSDP2 fully_shard) instead of replicating them (DDP)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch (default: torch's choice, one per core)")
     g = p.add_argument_group("outputs")
@@ -102,5 +105,9 @@ def check_args(args) -> None:
         raise ValueError(f"--micro-batch: expected a positive number, got {args.micro_batch}")
     if args.lr is not None and args.lr <= 0:
         raise ValueError(f"--lr: expected a positive learning rate, got {args.lr}")
+    if getattr(args, "fsdp", False):
+        for name, value in (("--hf-model", args.hf_model), ("--grad-clip", args.grad_clip)):
+            if value:
+                raise ValueError(f"--fsdp: not with {name} (not supported yet)")
     if args.warmup is not None and not 0 <= args.warmup <= args.steps:
         raise ValueError(f"--warmup: expected 0 .. --steps ({args.steps}), got {args.warmup}")

@@ -20,6 +20,14 @@ it with the towers' gradients, in the same buckets. (Every rank holds the
 same dL/dscale of the global loss, up to round-off; the average keeps the
 ranks' parameters identical.) DDP also broadcasts rank 0's parameters when
 it wraps the model, so every rank starts from the same weights.
+
+``--fsdp`` (:func:`shard`) shards the parameters, gradients and optimizer
+state over the ranks with FSDP2's ``fully_shard`` instead, for towers that do
+not fit one device. It composes with gradient caching: the micro-batches but
+the last run with ``set_requires_gradient_sync(False)``, so gradients are
+reduce-scattered once per step. FSDP2 cannot shard the 0-dim logit scale:
+it stays whole on every rank, outside FSDP, and its gradient is averaged by
+one explicit all-reduce after the backward (:func:`average_scalars`).
 """
 
 from __future__ import annotations
@@ -59,6 +67,44 @@ def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParalle
     # Every parameter gets its gradient in each synchronized backward (the
     # scale's through the forward's output), so no search for unused ones.
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """``model`` sharded in place by FSDP2 (``fully_shard``) for ``--fsdp``:
+    each block of each tower, each tower, then the root. Returns the scalar
+    parameters it leaves out (the logit scale): FSDP2 cannot shard a 0-dim
+    tensor, so they stay whole on every rank and :func:`average_scalars`
+    averages their gradients after the step's backward.
+
+    The towers are units of their own so that ``encode_image`` /
+    ``encode_text`` (the evaluation's calls, which bypass the root's forward)
+    gather their parameters; the root then manages none. Every rank must run
+    every forward (collective): the trainer evaluates on every rank.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    scalars = [p for p in model.parameters() if p.ndim == 0]
+    ignored = set(scalars)
+    towers = [child for child in model.children() if any(True for _ in child.parameters())]
+    for tower in towers:
+        for module in tower.modules():
+            if isinstance(module, torch.nn.ModuleList):
+                for block in module:
+                    fully_shard(block, ignored_params=ignored)
+        fully_shard(tower, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+    return scalars
+
+
+def average_scalars(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce mean of the gradients of ``params`` (one collective)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        flat = torch.stack(grads)
+        dist.all_reduce(flat)
+        flat.div_(dist.get_world_size())
+        for g, value in zip(grads, flat):
+            g.copy_(value)
 
 
 def all_min(value: int, device: torch.device) -> int:

@@ -83,6 +83,24 @@ def _module(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+@contextlib.contextmanager
+def _without_gradient_sync(model):
+    """Backward passes that accumulate gradients locally: DDP's ``no_sync()``,
+    FSDP2's ``set_requires_gradient_sync(False)`` (its reduce-scatter deferred
+    to the next synchronized backward), nothing for a plain model."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 def encode_pair(model, images: Tensor, tokens: Tensor, autocast=contextlib.nullcontext):
     """Normalized fp32 image and text embeddings (under ``autocast``)."""
     with autocast():
@@ -108,7 +126,8 @@ def contrastive_step(model, images: Tensor, tokens: Tensor, loss_fn: LossFn,
         model: a CLIP (``model(images, tokens)`` returns the normalized image
             and text features and the logit multiplier ``scale()``, then any
             other parameter of the loss, such as SigLIP's bias), or a
-            ``DistributedDataParallel`` of one: its gradients are all-reduced
+            ``DistributedDataParallel`` of one, or one sharded by FSDP2's
+            ``fully_shard``: its gradients are all-reduced (reduce-scattered)
             once, in the backward of the last micro-batch.
         images, tokens: the batch, (N, 3, S, S) and (N, L).
         loss_fn: ``loss_fn(image_features, text_features, logit_scale, ...)``
@@ -126,7 +145,6 @@ def contrastive_step(model, images: Tensor, tokens: Tensor, loss_fn: LossFn,
         return loss.detach()
 
     module = _module(model)
-    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     spans = _spans(n, micro_batch)
     device = images.device
     # Pass 1: embeddings without autograd (no DDP: nothing to synchronize),
@@ -158,7 +176,7 @@ def contrastive_step(model, images: Tensor, tokens: Tensor, loss_fn: LossFn,
     last = len(spans) - 1
     for i, ((a, b), state) in enumerate(zip(spans, states)):
         set_rng_state(state, device)
-        with contextlib.nullcontext() if i == last else no_sync():
+        with contextlib.nullcontext() if i == last else _without_gradient_sync(model):
             image_part, text_part, *values = _forward(model, images[a:b], tokens[a:b], autocast)
             outputs, grads = [image_part, text_part], [image_grad[a:b], text_grad[a:b]]
             if i == last:  # a frozen scale (no grad) stays out

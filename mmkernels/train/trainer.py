@@ -220,13 +220,22 @@ class Trainer:
             _log(f"data: skipped rows of {args.data}: {dict(self.dataset.skipped_rows)}")
         self.fetcher = BatchFetcher(self.dataset, self.tokenizer, args.batch_size, args.seed,
                                     rank=self.rank, world_size=self.world_size)
-        self.eval_set = _eval_set(args, self.model, self.tokenizer, wrap) if self.is_main else None
+        self.fsdp = bool(args.fsdp)
+        if self.fsdp and self.world_size == 1:
+            raise ValueError("--fsdp: shards over the processes of torchrun; this run has one")
+        # FSDP's forwards are collective: every rank evaluates (rank 0 writes).
+        evaluates = self.is_main or self.fsdp
+        self.eval_set = _eval_set(args, self.model, self.tokenizer, wrap) if evaluates else None
 
         backend = backends.select_backend(args.loss, self.device)  # fails early, naming the backend
         # What a step runs: the model itself, or with several processes the
         # model in DistributedDataParallel (which also broadcasts rank 0's weights).
         self.step_model = self.model
-        if self.world_size > 1:
+        self.unsharded: list = []  # parameters FSDP leaves whole, averaged by hand
+        if self.fsdp:  # in place: self.model is the sharded model
+            self.unsharded = parallel.shard(self.model)
+            self.loss_fn, self.loss_name = parallel.loss_function(args.loss)
+        elif self.world_size > 1:
             self.step_model = parallel.wrap(self.model, self.device)
             self.loss_fn, self.loss_name = parallel.loss_function(args.loss)
         elif args.hf_model:
@@ -258,9 +267,18 @@ class Trainer:
         if self.world_size > 1:
             rngs = [None] * self.world_size
             torch.distributed.all_gather_object(rngs, rng)
+        if self.fsdp:  # the whole tensors, gathered by every rank (collective), kept on CPU
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.model, options=options)
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        else:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         if not self.is_main:
             return None
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": model_state, "optimizer": optimizer_state, "fsdp": self.fsdp,
                 "scheduler": self.scheduler.state_dict(), "step": step,
                 "data_position": step * self.args.batch_size, "rng": rngs,
                 "skipped": self.skipped, "elapsed_s": elapsed, "args": self._result_args(),
@@ -288,8 +306,19 @@ class Trainer:
             raise ValueError("--resume: the checkpoint was trained with other arguments: " + ", ".join(
                 f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in differ)
                 + "; resume with the same arguments")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("fsdp", False) != self.fsdp:  # the optimizer state's layouts differ
+            raise ValueError(f"--resume: the checkpoint was written {'with' if state.get('fsdp') else 'without'}"
+                             " --fsdp; resume the same way")
+        if self.fsdp:  # every rank holds the whole state and keeps its shards
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = state["step"], state.get("skipped", 0)
         self.elapsed_before = state.get("elapsed_s", 0.0)
@@ -330,9 +359,12 @@ class Trainer:
         images = batch.images[:n].to(self.device, non_blocking=True)
         tokens = batch.tokens[:n].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        # With several processes, DDP has averaged the gradients when this returns.
+        # With several processes, DDP has averaged the gradients when this returns
+        # (FSDP reduce-scattered all but the scalars it leaves whole).
         loss = contrastive_step(self.step_model, images, tokens, self.loss_fn, self.micro_batch,
                                 self.autocast)
+        if self.unsharded:
+            parallel.average_scalars(self.unsharded)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss is {float(loss)} at step {batch.step}")
         if self.args.grad_clip:
@@ -356,7 +388,8 @@ class Trainer:
         args = self.args
         if self.is_main:
             _log(f"training {self.name} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
-                 f"parameters) on {args.data}, {self.world_size} process(es) on {self.device}, "
+                 f"parameters) on {args.data}, {self.world_size} process(es){self._parallel_name()} "
+                 f"on {self.device}, "
                  f"{self.precision}; batch {args.batch_size}, micro-batch {self.micro_batch}, "
                  f"loss {self.loss_name}; steps {self.step}..{args.steps}; output {self.out}")
         self.model.train()
@@ -428,6 +461,11 @@ class Trainer:
                 summary["hf_model"] = str(self.out / HF_FOLDER)
             print(json.dumps(summary), flush=True)
         return 0
+
+    def _parallel_name(self) -> str:
+        if self.world_size == 1:
+            return ""
+        return " sharded (FSDP2)" if self.fsdp else " in DDP"
 
     def _last_loss(self):
         train = [r for r in self.metrics.read() if r.get("kind") == "train"]
