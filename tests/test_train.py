@@ -270,7 +270,8 @@ def test_collapse_watch():
     assert all(watch.update(step, uniform, 256) is None for step in range(6, 15))
     assert watch.update(15, uniform - 0.2, 256) is None
     warnings = [watch.update(step, uniform + 1e-4, 256) for step in range(16, 30)]
-    assert warnings[:9] == [None] * 9 and "log(256) = 5.545" in warnings[9] and "(steps 16..25)" in warnings[9]
+    assert warnings[:9] == [None] * 9
+    assert "log(256) = 5.545" in warnings[9] and "(steps 16..25)" in warnings[9]
     assert warnings[10:] == [None] * 4 and watch.warned_at == 25 and watch.collapsed
     # Leaving log(N) later: a note, once; no second warning on a new plateau.
     assert "has left log(256) at step 30" in watch.update(30, uniform - 0.5, 256)

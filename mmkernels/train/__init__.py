@@ -4,8 +4,8 @@ The recipe: image-caption pairs, a ViT image tower and a causal text
 Transformer (mmkernels/models/clip.py), the symmetric contrastive loss of an
 mmkernels backend (``--loss``), AdamW with linear warmup (5% of the steps,
 at least 25) and cosine decay, bf16 autocast on GPU, then retrieval
-(recall@1/5/10 both ways) and zero-shot evaluation. Default: the ``tiny`` model on the built-in synthetic data,
-which needs no download::
+(recall@1/5/10 both ways) and zero-shot evaluation. Default: the ``tiny``
+model on the built-in synthetic data, which needs no download::
 
     python -m mmkernels.train --output runs/tiny
 

@@ -307,8 +307,9 @@ class Trainer:
                 f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in differ)
                 + "; resume with the same arguments")
         if state.get("fsdp", False) != self.fsdp:  # the optimizer state's layouts differ
-            raise ValueError(f"--resume: the checkpoint was written {'with' if state.get('fsdp') else 'without'}"
-                             " --fsdp; resume the same way")
+            written = "with" if state.get("fsdp") else "without"
+            raise ValueError(f"--resume: the checkpoint was written {written} --fsdp; "
+                             "resume the same way")
         if self.fsdp:  # every rank holds the whole state and keeps its shards
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                  set_model_state_dict,
