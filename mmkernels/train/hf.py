@@ -77,9 +77,10 @@ def load_pretrained(path: str | Path):
 class HFContrastiveModel(nn.Module):
     """A transformers ``CLIPModel`` / ``SiglipModel`` as the trainer drives a CLIP.
 
-    ``forward(pixel_values, input_ids)`` returns the L2-normalized fp32-or-model
-    dtype image and text features and the loss's parameters: ``exp(logit_scale)``,
-    and for SigLIP ``logit_bias``; :meth:`loss_function` is the loss they feed.
+    ``forward(pixel_values, input_ids)`` returns the L2-normalized image and
+    text features (in the model's dtype) and the loss's parameters:
+    ``exp(logit_scale)``, and for SigLIP ``logit_bias``; :meth:`loss_function`
+    is the loss they feed.
     """
 
     def __init__(self, model: nn.Module):
