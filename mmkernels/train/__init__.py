@@ -2,10 +2,10 @@
 
 The recipe: image-caption pairs, a ViT image tower and a causal text
 Transformer (mmkernels/models/clip.py), the symmetric contrastive loss of an
-mmkernels backend (``--loss``), AdamW with linear warmup and cosine decay,
-bf16 autocast on GPU, then retrieval (recall@1/5/10 both ways) and zero-shot
-evaluation. Default: the ``tiny`` model on the built-in synthetic data,
-which needs no download::
+mmkernels backend (``--loss``), AdamW with linear warmup (5% of the steps,
+at least 25) and cosine decay, bf16 autocast on GPU, then retrieval
+(recall@1/5/10 both ways) and zero-shot evaluation. Default: the ``tiny``
+model on the built-in synthetic data, which needs no download::
 
     python -m mmkernels.train --output runs/tiny
 
@@ -31,12 +31,20 @@ augmentations and the random state are functions of the step). An error
 mid-run (unreadable data, a non-finite loss) also saves the last completed
 step before it is raised.
 
+A Hugging Face checkpoint: ``--hf-model DIR`` fine-tunes the ``CLIPModel``
+or ``SiglipModel`` saved in DIR, with its processor, offline, and saves the
+result with ``save_pretrained`` to ``OUTPUT/hf`` (mmkernels/train/hf.py).
+
 Data-parallel: ``torchrun --nproc-per-node W -m mmkernels.train ...``
-(mmkernels/train/parallel.py): every rank encodes 1/W of the batch and the
-loss is the global one.
+(mmkernels/train/parallel.py): the model in DistributedDataParallel, every
+rank encodes 1/W of the batch and the loss is the global one; gradient
+caching all-reduces once per step. ``--fsdp`` shards the model over the
+ranks (FSDP2) instead of replicating it.
 """
 
 from mmkernels.train.options import build_parser
-from mmkernels.train.trainer import DataError, Trainer, lr_lambda, main, make_optimizer
+from mmkernels.train.trainer import (CollapseWatch, DataError, Trainer, default_warmup, lr_lambda,
+                                     main, make_optimizer)
 
-__all__ = ["DataError", "Trainer", "build_parser", "lr_lambda", "main", "make_optimizer"]
+__all__ = ["CollapseWatch", "DataError", "Trainer", "build_parser", "default_warmup", "lr_lambda",
+           "main", "make_optimizer"]

@@ -9,7 +9,7 @@ from mmkernels import backends
 from mmkernels.models import list_clip_configs
 
 # Arguments that change the result: a resumed run must repeat them.
-RESULT_ARGS = ("model", "model_arg", "data", "batch_size", "steps", "lr", "wd", "warmup", "beta1",
+RESULT_ARGS = ("model", "model_arg", "hf_model", "data", "batch_size", "steps", "lr", "wd", "warmup", "beta1",
                "beta2", "eps", "grad_clip", "seed", "tokenizer", "image_key", "caption_key",
                "separator", "synthetic_size", "data_seed")
 
@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="tiny", choices=list_clip_configs(), help="CLIP config")
     g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable), e.g. vision_layers=2, dropout=0.1")
+    g.add_argument("--hf-model", default=None, metavar="DIR",
+                   help="fine-tune the transformers CLIPModel or SiglipModel saved in DIR "
+                        "(offline), with its processor; replaces --model and --tokenizer, "
+                        "and the result is saved to OUTPUT/hf with save_pretrained")
     g.add_argument("--tokenizer", default="hash",
                    help="'hash' (self-contained), 'clip-bpe', 'hf:NAME_OR_PATH' or 'module:attr'")
     g = p.add_argument_group("data")
@@ -46,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss", default="auto", choices=("auto",) + backends.BACKENDS,
                    help="mmkernels backend of the contrastive loss ('naive' materializes N x N)")
     g.add_argument("--steps", type=int, default=500, help="optimizer steps")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 2e-3; 1e-5 with --hf-model)")
     g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    g.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    g.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps, at least 25; a shorter run "
+                        "warms up throughout)")
     g.add_argument("--beta1", type=float, default=0.9)
     g.add_argument("--beta2", type=float, default=0.98)
     g.add_argument("--eps", type=float, default=1e-6)
@@ -57,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="encoder precision: auto is bf16 autocast on GPU, fp32 on CPU")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    g.add_argument("--fsdp", action="store_true",
+                   help="with torchrun: shard parameters, gradients and optimizer state over the "
+                        "ranks (FSDP2 fully_shard) instead of replicating them (DDP)")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch (default: torch's choice, one per core)")
     g = p.add_argument_group("outputs")
@@ -94,7 +103,11 @@ def check_args(args) -> None:
         raise ValueError(f"--batch-size: a contrastive batch needs at least 2 pairs, got {args.batch_size}")
     if args.micro_batch is not None and args.micro_batch < 1:
         raise ValueError(f"--micro-batch: expected a positive number, got {args.micro_batch}")
-    if args.lr <= 0:
+    if args.lr is not None and args.lr <= 0:
         raise ValueError(f"--lr: expected a positive learning rate, got {args.lr}")
+    if getattr(args, "fsdp", False):
+        for name, value in (("--hf-model", args.hf_model), ("--grad-clip", args.grad_clip)):
+            if value:
+                raise ValueError(f"--fsdp: not with {name} (not supported yet)")
     if args.warmup is not None and not 0 <= args.warmup <= args.steps:
         raise ValueError(f"--warmup: expected 0 .. --steps ({args.steps}), got {args.warmup}")

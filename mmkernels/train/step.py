@@ -17,8 +17,8 @@ micro-batch of encoder activations:
    gives ``dL/df``, ``dL/dg`` (N x D, O(N*D) memory with the tiled loss) and
    ``dL/ds`` directly;
 3. each micro-batch encoded again with autograd, and back-propagated with
-   its slice of ``dL/df`` as the upstream gradient; parameter gradients
-   accumulate over the chunks.
+   its slice of ``dL/df`` and ``dL/dg`` as the upstream gradients; parameter
+   gradients accumulate over the chunks.
 
 Pass 3 must recompute exactly the embeddings of pass 1, so the random state
 (dropout) before each chunk's pass-1 forward is recorded and replayed; the
@@ -27,9 +27,26 @@ same state whether or not a step was chunked. With no randomness in the
 model (CLIP has none by default), the gradients equal those of the whole
 batch at once to fp32 round-off, whatever the micro-batch.
 
-Memory: O(micro_batch) activations + O(N*D) embeddings and their gradients,
-plus what the loss needs (O(N*D) for the tiled mmkernels backends, O(N^2)
-for the naive one). Cost: one extra forward of both encoders.
+Each pass runs a chunk through both towers in one forward (``model(images,
+tokens)``), so that under DistributedDataParallel every chunk is one DDP
+forward and backward. The chunks but the last run under ``no_sync()``: their
+gradients accumulate locally, and DDP all-reduces the sum once per step, in
+the last chunk's backward, bucket by bucket as its gradients become ready
+(overlapped with the rest of that backward).
+
+The logit scale is the one parameter whose gradient comes from the loss, not
+from the encoders' backward (with SigLIP's bias): pass 2 differentiates the
+loss with respect to the scale's *value* (``exp(logit_scale)``, as the
+forward of pass 1 returned it, detached), and the last chunk of pass 3
+back-propagates that gradient through ``model.scale()``, which its forward
+returns beside the embeddings. So the parameter receives its
+gradient inside the synchronized backward, and DDP averages it in the same
+buckets as the towers' (no collective of its own, and no unused parameter).
+
+Memory: the activations of one micro-batch of pairs (both towers) + O(N*D)
+embeddings and their gradients, plus what the loss needs (O(N*D) for the
+tiled mmkernels backends, O(N^2) for the naive one). Cost: one extra forward
+of both encoders.
 """
 
 from __future__ import annotations
@@ -61,6 +78,29 @@ def _spans(n: int, size: int) -> list[tuple[int, int]]:
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _module(model):
+    """The CLIP inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def _without_gradient_sync(model):
+    """Backward passes that accumulate gradients locally: DDP's ``no_sync()``,
+    FSDP2's ``set_requires_gradient_sync(False)`` (its reduce-scatter deferred
+    to the next synchronized backward), nothing for a plain model."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 def encode_pair(model, images: Tensor, tokens: Tensor, autocast=contextlib.nullcontext):
     """Normalized fp32 image and text embeddings (under ``autocast``)."""
     with autocast():
@@ -69,16 +109,29 @@ def encode_pair(model, images: Tensor, tokens: Tensor, autocast=contextlib.nullc
     return image_features.float(), text_features.float()
 
 
+def _forward(model, images: Tensor, tokens: Tensor, autocast) -> tuple[Tensor, ...]:
+    """``model(images, tokens)`` under ``autocast``: the fp32 features, then the
+    loss's parameters (the scale; SigLIP's bias too), fp32."""
+    with autocast():
+        outputs = model(images, tokens)
+    return tuple(t.float() for t in outputs)
+
+
 def contrastive_step(model, images: Tensor, tokens: Tensor, loss_fn: LossFn,
                      micro_batch: int | None = None, autocast=contextlib.nullcontext) -> Tensor:
     """Forward and backward of one contrastive batch; gradients accumulate in
     the parameters' ``.grad``. Returns the loss (detached).
 
     Args:
-        model: a CLIP (``encode_image``, ``encode_text``, ``scale()``).
+        model: a CLIP (``model(images, tokens)`` returns the normalized image
+            and text features and the logit multiplier ``scale()``, then any
+            other parameter of the loss, such as SigLIP's bias), or a
+            ``DistributedDataParallel`` of one, or one sharded by FSDP2's
+            ``fully_shard``: its gradients are all-reduced (reduce-scattered)
+            once, in the backward of the last micro-batch.
         images, tokens: the batch, (N, 3, S, S) and (N, L).
-        loss_fn: ``loss_fn(image_features, text_features, logit_scale)``,
-            e.g. ``mmkernels.contrastive_loss``.
+        loss_fn: ``loss_fn(image_features, text_features, logit_scale, ...)``
+            (what the model returns), e.g. ``mmkernels.contrastive_loss``.
         micro_batch: encoder chunk for gradient caching; None or >= N runs
             the whole batch through autograd at once.
         autocast: a context manager factory for the encoders (bf16 on GPU).
@@ -87,45 +140,50 @@ def contrastive_step(model, images: Tensor, tokens: Tensor, loss_fn: LossFn,
     if tokens.shape[0] != n:
         raise ValueError(f"tokens: expected {n} rows like images, got {tuple(tokens.shape)}")
     if micro_batch is None or micro_batch >= n:
-        image_features, text_features = encode_pair(model, images, tokens, autocast)
-        loss = loss_fn(image_features, text_features, model.scale())
+        loss = loss_fn(*_forward(model, images, tokens, autocast))
         loss.backward()
         return loss.detach()
 
+    module = _module(model)
     spans = _spans(n, micro_batch)
     device = images.device
-    # Pass 1: embeddings without autograd, recording the random state of each forward.
-    image_states, text_states, image_parts, text_parts = [], [], [], []
+    # Pass 1: embeddings without autograd (no DDP: nothing to synchronize),
+    # recording the random state before each chunk's forward.
+    states, image_parts, text_parts = [], [], []
     with torch.no_grad():
         for a, b in spans:
-            image_states.append(rng_state(device))
-            with autocast():
-                image_parts.append(model.encode_image(images[a:b], normalize=True).float())
-        for a, b in spans:
-            text_states.append(rng_state(device))
-            with autocast():
-                text_parts.append(model.encode_text(tokens[a:b], normalize=True).float())
+            states.append(rng_state(device))
+            image_part, text_part, *values = _forward(module, images[a:b], tokens[a:b], autocast)
+            image_parts.append(image_part)
+            text_parts.append(text_part)
     state_after = rng_state(device)
     image_features = torch.cat(image_parts).requires_grad_()
     text_features = torch.cat(text_parts).requires_grad_()
     del image_parts, text_parts
+    # The values of the scale (and bias) as leaves: their gradients wait for the
+    # last chunk of pass 3, whose forward recomputes them from the parameters.
+    values = [v.detach().requires_grad_() for v in values]
 
-    # Pass 2: the loss and its gradients w.r.t. the embeddings (and the logit scale).
-    loss = loss_fn(image_features, text_features, model.scale())
+    # Pass 2: the loss and its gradients w.r.t. the embeddings and those values.
+    loss = loss_fn(image_features, text_features, *values)
     loss.backward()
     image_grad, text_grad = image_features.grad, text_features.grad
-    del image_features, text_features
+    value_grads = [v.grad for v in values]
+    del image_features, text_features, values
 
-    # Pass 3: each chunk again with autograd, seeded with its embedding gradient.
-    for (a, b), state in zip(spans, image_states):
+    # Pass 3: each chunk again with autograd, seeded with its embedding gradients;
+    # the last one also carries the scale's (and bias'), and is the one DDP synchronizes.
+    last = len(spans) - 1
+    for i, ((a, b), state) in enumerate(zip(spans, states)):
         set_rng_state(state, device)
-        with autocast():
-            out = model.encode_image(images[a:b], normalize=True).float()
-        out.backward(image_grad[a:b])
-    for (a, b), state in zip(spans, text_states):
-        set_rng_state(state, device)
-        with autocast():
-            out = model.encode_text(tokens[a:b], normalize=True).float()
-        out.backward(text_grad[a:b])
+        with contextlib.nullcontext() if i == last else _without_gradient_sync(model):
+            image_part, text_part, *values = _forward(model, images[a:b], tokens[a:b], autocast)
+            outputs, grads = [image_part, text_part], [image_grad[a:b], text_grad[a:b]]
+            if i == last:  # a frozen scale (no grad) stays out
+                for value, grad in zip(values, value_grads):
+                    if value.requires_grad and grad is not None:
+                        outputs.append(value)
+                        grads.append(grad)
+            torch.autograd.backward(outputs, grads)
     set_rng_state(state_after, device)
     return loss.detach()

@@ -18,7 +18,7 @@ import mmkernels
 from mmkernels import backends
 from mmkernels.data import BatchFetcher, batches, load_items, open_dataset
 from mmkernels.models import create_clip, get_tokenizer
-from mmkernels.train import parallel
+from mmkernels.train import hf, parallel
 from mmkernels.train.evaluation import evaluate
 from mmkernels.train.files import (CHECKPOINT, CURVES, METRICS, MetricsLog, StopSignal,
                                    ignore_stop_signals, load_checkpoint, plot_curves,
@@ -33,12 +33,77 @@ class DataError(RuntimeError):
 
 # --- pieces -----------------------------------------------------------------------
 
+# Warmup: 5% of the run, but never fewer than 25 steps. Adam moves every
+# parameter by about lr per step whatever its gradient's size, and the tiny
+# model's embedding tables start at std 0.01-0.02: three steps at the peak lr
+# 2e-3 (the 5% of a 60-step run) shift them by a good part of their scale in
+# one shared direction, every embedding ends up alike and the loss sits at
+# log(batch) from then on (the gradients shrink ~500x while Adam's second
+# moments, beta2 0.98, still remember the large first ones). 25 steps is the
+# 5% of the default 500, which learns; a run shorter than the floor warms up
+# for all its steps and never reaches the peak lr.
+WARMUP_FLOOR = 25
+# The peak learning rate: training from scratch, and fine-tuning a pretrained
+# Hugging Face CLIP (--hf-model), whose weights a from-scratch rate would wreck.
+DEFAULT_LR = 2e-3
+HF_DEFAULT_LR = 1e-5
+# The folder of the run where --hf-model's result is saved (save_pretrained).
+HF_FOLDER = "hf"
+
+
+def default_warmup(steps: int) -> int:
+    """The warmup of a run of ``steps`` steps without ``--warmup``: 5% of it, at least 25."""
+    return max(steps // 20, WARMUP_FLOOR)
+
+
 def lr_lambda(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at
+    ``total`` (a warmup longer than the run ends it below 1)."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class CollapseWatch:
+    """Detects a collapsed run: once warmup is over, the loss stays at log(N),
+    that of a uniform guess over the N pairs of the batch, which is where a
+    contrastive loss lands when every embedding is alike (and a learning run
+    has left). :meth:`update` returns the warning, once, when the loss has
+    been within ``rtol * log(N)`` of log(N) for ``patience`` consecutive steps
+    after warmup (fewer when the run has fewer left, but at least 3), and a
+    note if the loss leaves log(N) afterwards (a small model can sit there a
+    while before it learns). ``collapsed``: whether the run is collapsed now."""
+
+    def __init__(self, warmup: int, total: int, patience: int = 10, rtol: float = 0.01):
+        self.warmup = warmup
+        self.patience = max(3, min(patience, (total - warmup) // 2))
+        self.rtol = rtol
+        self.count = 0
+        self.warned_at: int | None = None
+        self.collapsed = False
+
+    def update(self, step: int, loss: float, pairs: int) -> str | None:
+        """Record the loss of ``step`` (1-based) over a batch of ``pairs``; the
+        warning the first time the run is found collapsed, the note when it
+        leaves the collapse, else None."""
+        uniform = math.log(pairs)
+        if step <= self.warmup or abs(loss - uniform) > self.rtol * uniform:
+            self.count = 0
+            if self.collapsed and loss < uniform:
+                self.collapsed = False
+                return (f"note: the loss has left log({pairs}) at step {step} ({loss:.3f}): "
+                        "the run is learning after all")
+            return None
+        self.count += 1
+        if self.count < self.patience or self.warned_at is not None:
+            return None
+        self.warned_at = step
+        self.collapsed = True
+        return (f"warning: the loss has stayed at log({pairs}) = {uniform:.3f}, that of a uniform "
+                f"guess over the batch, for {self.count} steps after warmup (steps {step - self.count + 1}"
+                f"..{step}): the run has collapsed (every embedding alike) and is not learning; a "
+                "longer --warmup or a smaller --lr avoids it")
 
 
 def make_optimizer(model, args):
@@ -47,23 +112,25 @@ def make_optimizer(model, args):
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+                             lr=DEFAULT_LR if args.lr is None else args.lr,
+                             betas=(args.beta1, args.beta2), eps=args.eps)
 
 
 def _log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def _eval_set(args, model, tokenizer):
-    """Evaluation images, tokens, groups and zero-shot tasks, or None."""
+def _eval_set(args, model, tokenizer, wrap=lambda dataset: dataset):
+    """Evaluation images, tokens, groups and zero-shot tasks, or None
+    (``wrap``: what the dataset goes through, e.g. a Hugging Face processor)."""
     spec = args.val_data
     if spec == "auto":
         spec = "synthetic" if args.data == "synthetic" else "none"
     if spec == "none":
         return None
-    dataset = open_dataset(spec, image_size=model.image_size, train=False, seed=args.data_seed,
-                           synthetic_size=args.val_size, image_key=args.image_key,
-                           caption_key=args.caption_key, separator=args.separator)
+    dataset = wrap(open_dataset(spec, image_size=model.image_size, train=False, seed=args.data_seed,
+                                synthetic_size=args.val_size, image_key=args.image_key,
+                                caption_key=args.caption_key, separator=args.separator))
     indices = list(range(min(args.val_size, len(dataset))))
     images, tokens, kept, skipped = load_items(dataset, tokenizer, indices)
     if skipped:
@@ -116,33 +183,64 @@ class Trainer:
                          else contextlib.nullcontext)
         self.is_main = self.rank == 0
 
-        self.out = Path(args.output or f"runs/{args.model}")
-        self.warmup = args.warmup if args.warmup is not None else args.steps // 20
+        self.name = Path(args.hf_model).name if args.hf_model else args.model
+        if args.lr is None:  # from scratch, or fine-tuning a pretrained model
+            args.lr = HF_DEFAULT_LR if args.hf_model else DEFAULT_LR
+        self.out = Path(args.output or f"runs/{self.name}")
+        self.warmup = args.warmup if args.warmup is not None else default_warmup(args.steps)
         self.eval_every = args.eval_every if args.eval_every is not None else max(1, args.steps // 10)
         self.save_every = args.save_every if args.save_every is not None else self.eval_every
         self.micro_batch = args.micro_batch or args.batch_size
 
         torch.manual_seed(args.seed)
-        self.model = create_clip(args.model, **parse_model_args(args.model_arg)).to(self.device)
+        wrap = lambda dataset: dataset  # noqa: E731
+        self.processor = None
+        if args.hf_model:
+            if args.model_arg:
+                raise ValueError("--model-arg: does not apply to --hf-model (its config is in the folder)")
+            hf_model, self.processor = hf.load_pretrained(args.hf_model)
+            self.model = hf.HFContrastiveModel(hf_model).to(self.device)
+            if self.model.kind == "siglip" and self.world_size > 1:
+                raise ValueError("--hf-model: a SiglipModel trains on one process here "
+                                 "(data-parallel training has the CLIP loss only)")
+            self.tokenizer = hf.ProcessorTokenizer(self.processor, self.model.context_length)
+            wrap = partial(hf.ProcessorDataset, processor=self.processor)
+        else:
+            self.model = create_clip(args.model, **parse_model_args(args.model_arg)).to(self.device)
+            self.tokenizer = get_tokenizer(args.tokenizer, vocab_size=self.model.config.text.vocab_size,
+                                           context_length=self.model.context_length)
+            _check_tokenizer(self.tokenizer, self.model)
         if self.world_size > 1:  # one initialization, but each rank its own dropout masks
             torch.manual_seed(args.seed + self.rank)
-        self.tokenizer = get_tokenizer(args.tokenizer, vocab_size=self.model.config.text.vocab_size,
-                                       context_length=self.model.context_length)
-        _check_tokenizer(self.tokenizer, self.model)
-        self.dataset = open_dataset(args.data, image_size=self.model.image_size, train=True,
-                                    seed=args.data_seed, synthetic_size=args.synthetic_size,
-                                    image_key=args.image_key, caption_key=args.caption_key,
-                                    separator=args.separator)
+        self.dataset = wrap(open_dataset(args.data, image_size=self.model.image_size, train=True,
+                                         seed=args.data_seed, synthetic_size=args.synthetic_size,
+                                         image_key=args.image_key, caption_key=args.caption_key,
+                                         separator=args.separator))
         if getattr(self.dataset, "skipped_rows", None):
             _log(f"data: skipped rows of {args.data}: {dict(self.dataset.skipped_rows)}")
         self.fetcher = BatchFetcher(self.dataset, self.tokenizer, args.batch_size, args.seed,
                                     rank=self.rank, world_size=self.world_size)
-        self.eval_set = _eval_set(args, self.model, self.tokenizer) if self.is_main else None
+        self.fsdp = bool(args.fsdp)
+        if self.fsdp and self.world_size == 1:
+            raise ValueError("--fsdp: shards over the processes of torchrun; this run has one")
+        # FSDP's forwards are collective: every rank evaluates (rank 0 writes).
+        evaluates = self.is_main or self.fsdp
+        self.eval_set = _eval_set(args, self.model, self.tokenizer, wrap) if evaluates else None
 
         backend = backends.select_backend(args.loss, self.device)  # fails early, naming the backend
-        if self.world_size > 1:
-            parallel.broadcast_parameters(self.model)
+        # What a step runs: the model itself, or with several processes the
+        # model in DistributedDataParallel (which also broadcasts rank 0's weights).
+        self.step_model = self.model
+        self.unsharded: list = []  # parameters FSDP leaves whole, averaged by hand
+        if self.fsdp:  # in place: self.model is the sharded model
+            self.unsharded = parallel.shard(self.model)
             self.loss_fn, self.loss_name = parallel.loss_function(args.loss)
+        elif self.world_size > 1:
+            self.step_model = parallel.wrap(self.model, self.device)
+            self.loss_fn, self.loss_name = parallel.loss_function(args.loss)
+        elif args.hf_model:
+            self.loss_fn = self.model.loss_function(args.loss)
+            self.loss_name = backend
         else:
             self.loss_fn = partial(mmkernels.contrastive_loss, backend=args.loss)
             self.loss_name = backend
@@ -154,6 +252,8 @@ class Trainer:
         self.skipped = 0
         self.elapsed_before = 0.0
         self.last_eval: dict = {}
+        self.pairs = args.batch_size  # of the last step, all ranks
+        self.collapse = CollapseWatch(self.warmup, args.steps)
 
     # -- checkpoints --
     def _result_args(self) -> dict:
@@ -167,13 +267,24 @@ class Trainer:
         if self.world_size > 1:
             rngs = [None] * self.world_size
             torch.distributed.all_gather_object(rngs, rng)
+        if self.fsdp:  # the whole tensors, gathered by every rank (collective), kept on CPU
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.model, options=options)
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        else:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         if not self.is_main:
             return None
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": model_state, "optimizer": optimizer_state, "fsdp": self.fsdp,
                 "scheduler": self.scheduler.state_dict(), "step": step,
                 "data_position": step * self.args.batch_size, "rng": rngs,
                 "skipped": self.skipped, "elapsed_s": elapsed, "args": self._result_args(),
-                "config": dataclasses.asdict(self.model.config), "mmkernels": mmkernels.__version__}
+                "config": (self.model.config_dict() if self.processor is not None
+                           else dataclasses.asdict(self.model.config)),
+                "mmkernels": mmkernels.__version__}
 
     def save(self, step: int, rng: dict, elapsed: float) -> None:
         state = self._state(step, rng, elapsed)
@@ -195,8 +306,20 @@ class Trainer:
             raise ValueError("--resume: the checkpoint was trained with other arguments: " + ", ".join(
                 f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in differ)
                 + "; resume with the same arguments")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("fsdp", False) != self.fsdp:  # the optimizer state's layouts differ
+            written = "with" if state.get("fsdp") else "without"
+            raise ValueError(f"--resume: the checkpoint was written {written} --fsdp; "
+                             "resume the same way")
+        if self.fsdp:  # every rank holds the whole state and keeps its shards
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, state["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped = state["step"], state.get("skipped", 0)
         self.elapsed_before = state.get("elapsed_s", 0.0)
@@ -233,12 +356,16 @@ class Trainer:
             first = batch.skipped[0][1] if batch.skipped else "no items"
             raise DataError(f"data: only {n} item(s) of the batch of step {batch.step} could be "
                             f"loaded; first error: {first}")
+        self.pairs = n * self.world_size
         images = batch.images[:n].to(self.device, non_blocking=True)
         tokens = batch.tokens[:n].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = contrastive_step(self.model, images, tokens, self.loss_fn, self.micro_batch, self.autocast)
-        if self.world_size > 1:
-            parallel.average_gradients(self.model)
+        # With several processes, DDP has averaged the gradients when this returns
+        # (FSDP reduce-scattered all but the scalars it leaves whole).
+        loss = contrastive_step(self.step_model, images, tokens, self.loss_fn, self.micro_batch,
+                                self.autocast)
+        if self.unsharded:
+            parallel.average_scalars(self.unsharded)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss is {float(loss)} at step {batch.step}")
         if self.args.grad_clip:
@@ -261,8 +388,9 @@ class Trainer:
         """Train to ``--steps`` (or to a stop signal); returns the exit code."""
         args = self.args
         if self.is_main:
-            _log(f"training {args.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
-                 f"parameters) on {args.data}, {self.world_size} process(es) on {self.device}, "
+            _log(f"training {self.name} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M "
+                 f"parameters) on {args.data}, {self.world_size} process(es){self._parallel_name()} "
+                 f"on {self.device}, "
                  f"{self.precision}; batch {args.batch_size}, micro-batch {self.micro_batch}, "
                  f"loss {self.loss_name}; steps {self.step}..{args.steps}; output {self.out}")
         self.model.train()
@@ -292,6 +420,9 @@ class Trainer:
                 window_n += batch.images.shape[0] * self.world_size
                 progress.update(1)
                 progress.set_postfix(loss=f"{float(loss):.4f}")
+                warning = self.collapse.update(self.step, float(loss), self.pairs)
+                if warning and self.is_main:
+                    _log(warning)
                 if self.step % args.log_every == 0 or self.step == args.steps:
                     now = time.perf_counter()
                     self.metrics.write({
@@ -318,14 +449,24 @@ class Trainer:
         if self.last_eval.get("step") != self.step:
             self.run_eval(self.step)
         self.save(self.step, rng_state(self.device), elapsed())
+        if self.is_main and self.processor is not None:
+            self.model.save_pretrained(self.out / HF_FOLDER, self.processor)
         if self.is_main:
             if not args.no_plot and not plot_curves(self.metrics.read(), self.out / CURVES,
-                                                    f"{args.model} on {args.data}, batch {args.batch_size}"):
+                                                    f"{self.name} on {args.data}, batch {args.batch_size}"):
                 _log("matplotlib is not installed: no curves.png (pip install 'mmkernels[train]')")
             summary = {**self.last_eval, "step": self.step, "loss": self._last_loss(),
-                       "elapsed_s": round(elapsed(), 1), "skipped": self.skipped, "output": str(self.out)}
+                       "elapsed_s": round(elapsed(), 1), "skipped": self.skipped,
+                       "collapsed": self.collapse.collapsed, "output": str(self.out)}
+            if self.processor is not None:
+                summary["hf_model"] = str(self.out / HF_FOLDER)
             print(json.dumps(summary), flush=True)
         return 0
+
+    def _parallel_name(self) -> str:
+        if self.world_size == 1:
+            return ""
+        return " sharded (FSDP2)" if self.fsdp else " in DDP"
 
     def _last_loss(self):
         train = [r for r in self.metrics.read() if r.get("kind") == "train"]
