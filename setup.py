@@ -180,7 +180,7 @@ EXTRAS = {
     "bench": ["matplotlib", "tqdm"],
     # peers the benchmarks compare against, when installed (Triton kernels: CUDA only)
     "peers": ["memeff", "inf_cl"],
-    "train": ["pillow", "tqdm", "matplotlib"],
+    "train": ["pillow", "tqdm", "matplotlib", "transformers>=4.40"],  # transformers: --hf-model
     # The Triton releases the triton backend supports (mmkernels/backends.py
     # TRITON_SUPPORTED, tested by .ci/triton_versions.sh). torch's CUDA wheels
     # pin their own: torch 2.11 -> triton 3.6.0, torch 2.14 -> 3.8.0, torch 2.15 -> 3.9.0. Outside the

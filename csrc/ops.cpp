@@ -48,60 +48,54 @@ namespace {
 
 namespace cpu = mmkernels::cpu;
 
-PyObject* cpu_isa(PyObject*, PyObject*) {
+// A run-time choice of the CPU kernels as Python sees it: the name in use (a bad
+// forcing environment variable raises ValueError), the names this CPU runs, a setter.
+struct Choice {
+  const char* (*current)();
+  const char* const* (*supported)(int* count);
+  bool (*set)(const char* name);
+  const char* what;          // for the setter's error
+  const char* listing_call;  // the Python call that lists the names
+};
+
+const Choice kIsa = {[] { return cpu::tile_ops_f32().isa; }, &cpu::supported_isas, &cpu::set_isa, "isa",
+                     "cpu_isas()"};
+const Choice kBf16Products = {&cpu::bf16_products_name, &cpu::supported_bf16_products, &cpu::set_bf16_products,
+                              "bf16 products", "cpu_bf16_products_supported()"};
+
+PyObject* current_of(const Choice& choice) {
   try {
-    return PyUnicode_FromString(cpu::tile_ops_f32().isa);
-  } catch (const std::exception& e) {  // a bad MMKERNELS_CPU_ISA
+    return PyUnicode_FromString(choice.current());
+  } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;
   }
 }
 
-PyObject* cpu_isas(PyObject*, PyObject*) {
+PyObject* supported_of(const Choice& choice) {
   int count = 0;
-  const char* const* names = cpu::supported_isas(&count);
+  const char* const* names = choice.supported(&count);
   PyObject* out = PyTuple_New(count);
   for (int k = 0; out != nullptr && k < count; ++k) PyTuple_SET_ITEM(out, k, PyUnicode_FromString(names[k]));
   return out;
 }
 
-PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+PyObject* set_of(const Choice& choice, PyObject* arg) {
   const char* name = PyUnicode_AsUTF8(arg);
   if (name == nullptr) return nullptr;
-  if (!cpu::set_isa(name)) {
-    PyErr_Format(PyExc_ValueError, "isa: %R is not one this CPU runs (see cpu_isas())", arg);
+  if (!choice.set(name)) {
+    PyErr_Format(PyExc_ValueError, "%s: %R is not one this CPU runs (see %s)", choice.what, arg, choice.listing_call);
     return nullptr;
   }
   Py_RETURN_NONE;
 }
 
-PyObject* cpu_bf16_products(PyObject*, PyObject*) {
-  try {
-    return PyUnicode_FromString(cpu::bf16_products_name());
-  } catch (const std::exception& e) {  // a bad MMKERNELS_CPU_BF16_PRODUCTS
-    PyErr_SetString(PyExc_ValueError, e.what());
-    return nullptr;
-  }
-}
-
-PyObject* cpu_bf16_products_supported(PyObject*, PyObject*) {
-  int count = 0;
-  const char* const* names = cpu::supported_bf16_products(&count);
-  PyObject* out = PyTuple_New(count);
-  for (int k = 0; out != nullptr && k < count; ++k) PyTuple_SET_ITEM(out, k, PyUnicode_FromString(names[k]));
-  return out;
-}
-
-PyObject* set_cpu_bf16_products(PyObject*, PyObject* arg) {
-  const char* name = PyUnicode_AsUTF8(arg);
-  if (name == nullptr) return nullptr;
-  if (!cpu::set_bf16_products(name)) {
-    PyErr_Format(PyExc_ValueError, "bf16 products: %R is not one this CPU runs (see cpu_bf16_products_supported())",
-                 arg);
-    return nullptr;
-  }
-  Py_RETURN_NONE;
-}
+PyObject* cpu_isa(PyObject*, PyObject*) { return current_of(kIsa); }
+PyObject* cpu_isas(PyObject*, PyObject*) { return supported_of(kIsa); }
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) { return set_of(kIsa, arg); }
+PyObject* cpu_bf16_products(PyObject*, PyObject*) { return current_of(kBf16Products); }
+PyObject* cpu_bf16_products_supported(PyObject*, PyObject*) { return supported_of(kBf16Products); }
+PyObject* set_cpu_bf16_products(PyObject*, PyObject* arg) { return set_of(kBf16Products, arg); }
 
 PyObject* set_cpu_tile_shape(PyObject*, PyObject* args) {
   long long rows = 0, cols = 0;
