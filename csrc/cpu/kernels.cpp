@@ -382,18 +382,25 @@ TileExclusions<T> with_group_hits(const TileExclusions<T>& all, const Schedule& 
   return out;
 }
 
-// The inputs of a call and their operands in the compute dtype (normalized when asked).
+// The inputs of a call and, where BLAS multiplies them, their operands in the
+// compute dtype (normalized when asked). The bf16 product paths read the inputs
+// themselves, so for them no compute-dtype copy is made (2 x N*D fp32 less).
 struct Operands {
   const Tensor& a;
   const Tensor& b;
   bool normalize;
-  Tensor ah, bh;
+  int64_t n, m, d;
+  at::TensorOptions options;  // of the results: the compute dtype on the inputs' device
+  Bf16Path products;          // kFp32: BLAS on ah, bh (every dtype but bf16 on a bf16 path)
+  Tensor ah, bh;              // undefined on the bf16 product paths
 
   Operands(const Tensor& a_, const Tensor& b_, bool normalize_)
-      : a(a_), b(b_), normalize(normalize_) {
-    const auto dtype = compute_dtype(a.scalar_type());
-    ah = scaled_operand(a, normalize, dtype);
-    bh = scaled_operand(b, normalize, dtype);
+      : a(a_), b(b_), normalize(normalize_), n(a_.size(0)), m(b_.size(0)), d(a_.size(1)),
+        options(a_.options().dtype(compute_dtype(a_.scalar_type()))),
+        products(a_.scalar_type() == at::kBFloat16 ? bf16_path() : Bf16Path::kFp32) {
+    if (products != Bf16Path::kFp32) return;
+    ah = scaled_operand(a, normalize, compute_dtype(a.scalar_type()));
+    bh = scaled_operand(b, normalize, compute_dtype(a.scalar_type()));
   }
 };
 
@@ -403,16 +410,14 @@ struct Operands {
 template <typename T, typename Run>
 void with_products(const Operands& x, double scale, const Schedule& sched, bool backward, Run&& run) {
   if constexpr (std::is_same_v<T, float>) {
-    if (x.a.scalar_type() == at::kBFloat16) {
-      const Bf16Path path = bf16_path();
-      if (path == Bf16Path::kAvx512Bf16) {
-        run(Bf16TileProducts(*bf16_products(), x.a, x.b, x.normalize, scale, sched, backward));
-        return;
-      }
-      if (path == Bf16Path::kMkl) {
-        run(MklBf16TileProducts(mkl_bf16_gemm(), x.a, x.b, x.normalize, scale, sched, backward));
-        return;
-      }
+    // The path chosen when the operands were made (a test may switch it between calls).
+    if (x.products == Bf16Path::kAvx512Bf16) {
+      run(Bf16TileProducts(*avx512_bf16_products(), x.a, x.b, x.normalize, scale, sched, backward));
+      return;
+    }
+    if (x.products == Bf16Path::kMkl) {
+      run(MklBf16TileProducts(mkl_bf16_gemm(), x.a, x.b, x.normalize, scale, sched, backward));
+      return;
     }
   }
   run(BlasProducts{x.ah, x.bh, scale});
@@ -422,9 +427,9 @@ void with_products(const Operands& x, double scale, const Schedule& sched, bool 
 template <typename T>
 void lse_fwd_impl(const Operands& x, double scale,
                   const TileExclusions<T>* rules, Tensor& row_lse, Tensor& col_lse) {
-  const int64_t n = x.ah.size(0), m = x.bh.size(0);
+  const int64_t n = x.n, m = x.m;
   const Schedule sched(n, m);
-  const auto opts = x.ah.options();
+  const auto opts = x.options;
   constexpr double kInf = std::numeric_limits<double>::infinity();
   Tensor row_max = at::full({n}, -kInf, opts), row_sum = at::zeros({n}, opts);
   Tensor col_max = at::full({sched.chunks, m}, -kInf, opts), col_sum = at::zeros({sched.chunks, m}, opts);
@@ -465,7 +470,7 @@ template <typename T>
 void lse_bwd_impl(const Operands& x, double scale, const TileExclusions<T>* rules,
                   const Tensor& row_lse, const Tensor& col_lse, const Tensor& g_row, const Tensor& g_col,
                   Tensor& pb, Tensor& pa, bool compute_pb = true, bool compute_pa = true) {
-  const Schedule sched(x.ah.size(0), x.bh.size(0));
+  const Schedule sched(x.n, x.m);
   const TileOps<T>& ops = tile_ops<T>();
   const T* rl = row_lse.data_ptr<T>();
   const T* gr = g_row.data_ptr<T>();
@@ -489,7 +494,7 @@ void lse_bwd_impl(const Operands& x, double scale, const TileExclusions<T>* rule
 template <typename T>
 void siglip_fwd_impl(const Operands& x, double scale, T bias, bool positives,
                      Tensor& row) {
-  const Schedule sched(x.ah.size(0), x.bh.size(0));
+  const Schedule sched(x.n, x.m);
   const TileOps<T>& ops = tile_ops<T>();
   T* loss = row.data_ptr<T>();
   auto add_loss = [&](int64_t, int64_t i0, int64_t j0, const Tensor& s) {
@@ -503,7 +508,7 @@ void siglip_fwd_impl(const Operands& x, double scale, T bias, bool positives,
 template <typename T>
 void siglip_bwd_impl(const Operands& x, double scale, T bias, bool positives,
                      const Tensor& g_row, Tensor& pb, Tensor& pa, Tensor& p_row) {
-  const Schedule sched(x.ah.size(0), x.bh.size(0));
+  const Schedule sched(x.n, x.m);
   const TileOps<T>& ops = tile_ops<T>();
   const T* gr = g_row.data_ptr<T>();
   T* pr = p_row.data_ptr<T>();
@@ -522,10 +527,9 @@ std::tuple<Tensor, Tensor> lse_fwd(const Tensor& a, const Tensor& b, const Tenso
   check_lse_fwd(a, b, scale);
   const auto dtype = compute_dtype(a.scalar_type());
   const Operands x(a, b, normalize);
-  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
-  Tensor row_lse = at::empty({a.size(0)}, ah.options());
-  Tensor col_lse = at::empty({b.size(0)}, ah.options());
+  Tensor row_lse = at::empty({a.size(0)}, x.options);
+  Tensor col_lse = at::empty({b.size(0)}, x.options);
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_lse_fwd", [&] {
     lse_fwd_impl<scalar_t>(x, alpha, nullptr, row_lse, col_lse);
   });
@@ -538,10 +542,9 @@ std::tuple<Tensor, Tensor> lse_bwd(const Tensor& a, const Tensor& b, const Tenso
   check_lse_bwd(a, b, scale, row_lse, col_lse, g_row, g_col);
   const auto dtype = compute_dtype(a.scalar_type());
   const Operands x(a, b, normalize);
-  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
   auto vec = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
-  Tensor pb = at::empty_like(ah), pa = at::empty_like(x.bh);
+  Tensor pb = at::empty({x.n, x.d}, x.options), pa = at::empty({x.m, x.d}, x.options);
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_lse_bwd", [&] {
     lse_bwd_impl<scalar_t>(x, alpha, nullptr, vec(row_lse), vec(col_lse), vec(g_row), vec(g_col), pb, pa);
   });
@@ -604,11 +607,10 @@ std::tuple<Tensor, Tensor> masked_lse_fwd(const Tensor& a, const Tensor& b, cons
                                           const Exclusions& rules) {
   const auto dtype = compute_dtype(a.scalar_type());
   const Operands x(a, b, normalize);
-  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
   const PreparedRules prepared(rules, dtype);
-  Tensor row_lse = at::empty({a.size(0)}, ah.options());
-  Tensor col_lse = at::empty({b.size(0)}, ah.options());
+  Tensor row_lse = at::empty({a.size(0)}, x.options);
+  Tensor col_lse = at::empty({b.size(0)}, x.options);
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_masked_lse_fwd", [&] {
     const TileExclusions<scalar_t> tile_rules = prepared.whole<scalar_t>();
     lse_fwd_impl<scalar_t>(x, alpha, prepared.any() ? &tile_rules : nullptr, row_lse, col_lse);
@@ -621,12 +623,11 @@ std::tuple<Tensor, Tensor> masked_lse_bwd(const Tensor& a, const Tensor& b, cons
                                           const Tensor& g_row, const Tensor& g_col, bool compute_pb, bool compute_pa) {
   const auto dtype = compute_dtype(a.scalar_type());
   const Operands x(a, b, normalize);
-  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
   const PreparedRules prepared(rules, dtype);
   auto vec = [&](const Tensor& t) { return t.to(dtype).contiguous(); };
-  Tensor pb = compute_pb ? at::empty_like(ah) : at::empty({0}, ah.options());
-  Tensor pa = compute_pa ? at::empty_like(x.bh) : at::empty({0}, ah.options());
+  Tensor pb = compute_pb ? at::empty({x.n, x.d}, x.options) : at::empty({0}, x.options);
+  Tensor pa = compute_pa ? at::empty({x.m, x.d}, x.options) : at::empty({0}, x.options);
   if (!compute_pb && !compute_pa) return {pb, pa};
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_masked_lse_bwd", [&] {
     const TileExclusions<scalar_t> tile_rules = prepared.whole<scalar_t>();
@@ -642,9 +643,8 @@ Tensor siglip_fwd(const Tensor& a, const Tensor& b, const Tensor& scale, const T
   check_siglip_fwd(a, b, scale, bias);
   const auto dtype = compute_dtype(a.scalar_type());
   const Operands x(a, b, normalize);
-  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
-  Tensor row = at::zeros({a.size(0)}, ah.options());
+  Tensor row = at::zeros({a.size(0)}, x.options);
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_siglip_fwd", [&] {
     siglip_fwd_impl<scalar_t>(x, alpha, bias.item<scalar_t>(), positives_on_diagonal, row);
   });
@@ -657,9 +657,8 @@ std::tuple<Tensor, Tensor, Tensor> siglip_bwd(const Tensor& a, const Tensor& b, 
   check_siglip_bwd(a, b, scale, bias, g_row);
   const auto dtype = compute_dtype(a.scalar_type());
   const Operands x(a, b, normalize);
-  const Tensor& ah = x.ah;
   const double alpha = scale.item<double>();
-  Tensor pb = at::empty_like(ah), pa = at::empty_like(x.bh), p_row = at::zeros({a.size(0)}, ah.options());
+  Tensor pb = at::empty({x.n, x.d}, x.options), pa = at::empty({x.m, x.d}, x.options), p_row = at::zeros({a.size(0)}, x.options);
   AT_DISPATCH_FLOATING_TYPES(dtype, "compiled_siglip_bwd", [&] {
     siglip_bwd_impl<scalar_t>(x, alpha, bias.item<scalar_t>(), positives_on_diagonal,
                               g_row.to(dtype).contiguous(), pb, pa, p_row);
