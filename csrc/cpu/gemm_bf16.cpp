@@ -11,6 +11,10 @@
 #include "gemm_bf16.h"
 
 #include <dlfcn.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <atomic>
 #include <cstdlib>
@@ -252,9 +256,25 @@ bool has_amx_bf16() {
 #endif
 }
 
+// Linux gives a process AMX's tile data state only on request (arch_prctl
+// ARCH_REQ_XCOMP_PERM, kernels >= 5.16); without it the first tile instruction
+// kills the process. Requested once, before MKL may run AMX code on this CPU;
+// false where refused, and then MKL's product is not used here.
+bool amx_permitted() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const bool granted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtileData) == 0;
+  }();
+  return granted;
+#else
+  return false;
+#endif
+}
+
 bool runs(Bf16Path path) {
   switch (path) {
-    case Bf16Path::kMkl: return mkl_bf16_gemm() != nullptr;
+    case Bf16Path::kMkl: return mkl_bf16_gemm() != nullptr && (!has_amx_bf16() || amx_permitted());
     case Bf16Path::kAvx512Bf16: return avx512_bf16_products() != nullptr;
     default: return true;
   }
