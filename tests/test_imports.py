@@ -142,3 +142,13 @@ def test_every_module_imports_in_a_fresh_interpreter():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["failed"] == {}, result["failed"]
     assert "mmkernels.ops.contrastive" in names and len(names) > 40
+
+
+def test_import_mmkernels_leaves_its_optional_peers_alone():
+    """The integrations' peers are imported on use only: importing mmkernels, its
+    integrations package and the open_clip_train entry point imports none of them."""
+    code = ("import sys, mmkernels, mmkernels.integrations, mmkernels.integrations.open_clip_train; "
+            "loaded = {'open_clip', 'open_clip_train', 'sentence_transformers', 'transformers'} & set(sys.modules); "
+            "assert not loaded, loaded")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

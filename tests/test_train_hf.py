@@ -164,24 +164,31 @@ def test_step_is_the_models_own_loss(clip_dir, kind):
                                        msg=lambda m: f"micro {micro}, {k}: {m}")
 
 
+def fine_tune(model_dir, out, *, steps, batch):
+    """``--hf-model model_dir`` for ``steps`` steps of ``batch`` pairs (cached in two
+    micro-batches, one thread, lr 3e-3); asserts it exits 0 and returns the logged
+    training losses."""
+    threads = torch.get_num_threads()
+    try:
+        code = train.main(["--hf-model", str(model_dir), "--output", str(out), "--steps", str(steps),
+                           "--batch-size", str(batch), "--micro-batch", str(batch // 2), "--lr", "3e-3",
+                           "--val-size", str(batch), "--eval-every", "0", "--threads", "1",
+                           "--log-every", "1", "--no-plot"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    return [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(r)["kind"] == "train"]
+
+
 def test_fine_tune_a_saved_clip_and_load_it_back(clip_dir, tmp_path, capsys):
     """--hf-model on the folder (gradient caching on): the loss falls well below
     log(64), the uniform guess, retrieval beats chance, and OUTPUT/hf loads back
     in transformers with the trained weights (those of last.pt, not the initial
     ones). About 30 CPU-seconds."""
     out = tmp_path / "run"
-    threads = torch.get_num_threads()
-    try:
-        code = train.main(["--hf-model", str(clip_dir), "--output", str(out), "--steps", "100",
-                           "--batch-size", "64", "--micro-batch", "32", "--lr", "3e-3",
-                           "--val-size", "64", "--eval-every", "0", "--threads", "1",
-                           "--log-every", "1", "--no-plot"])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
+    losses = fine_tune(clip_dir, out, steps=100, batch=64)
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    losses = [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()
-              if json.loads(r)["kind"] == "train"]
     assert sum(losses[-5:]) / 5 < math.log(64) - 0.4, losses[::10]
     assert summary["collapsed"] is False and summary["hf_model"] == str(out / "hf")
     # Chance recall@10 over 64 pairs: 10/64 = 0.16 (measured here: 0.6 and 0.5).
@@ -204,18 +211,8 @@ def test_fine_tune_a_saved_siglip_and_load_it_back(tmp_path, capsys):
     SiglipModel with the trained weights."""
     siglip_dir = save_tiny_siglip(tmp_path / "tiny-siglip")
     out = tmp_path / "run"
-    threads = torch.get_num_threads()
-    try:
-        code = train.main(["--hf-model", str(siglip_dir), "--output", str(out), "--steps", "30",
-                           "--batch-size", "32", "--micro-batch", "16", "--lr", "3e-3",
-                           "--val-size", "32", "--eval-every", "0", "--threads", "1",
-                           "--log-every", "1", "--no-plot"])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
+    losses = fine_tune(siglip_dir, out, steps=30, batch=32)
     capsys.readouterr()
-    losses = [json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()
-              if json.loads(r)["kind"] == "train"]
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses[::5]  # measured: 9.1 -> 4.5
     reloaded = transformers.SiglipModel.from_pretrained(out / "hf", local_files_only=True)
     trained = torch.load(out / "last.pt", weights_only=True)["model"]

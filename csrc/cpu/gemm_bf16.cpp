@@ -287,6 +287,12 @@ Bf16Path best() {
   return runs(Bf16Path::kAvx512Bf16) ? Bf16Path::kAvx512Bf16 : Bf16Path::kFp32;
 }
 
+const PathName* path_named(const char* name) {
+  for (const PathName& p : kPaths)
+    if (std::strcmp(p.name, name) == 0) return &p;
+  return nullptr;
+}
+
 // -1 until the first use; then a Bf16Path.
 std::atomic<int> g_bf16_choice{-1};
 
@@ -296,9 +302,7 @@ int current_choice() {
   choice = static_cast<int>(best());
   const char* forced = std::getenv("MMKERNELS_CPU_BF16_PRODUCTS");
   if (forced != nullptr && *forced != 0) {
-    const PathName* hit = nullptr;
-    for (const PathName& p : kPaths)
-      if (std::strcmp(p.name, forced) == 0) hit = &p;
+    const PathName* hit = path_named(forced);
     if (hit == nullptr)
       throw std::invalid_argument(std::string("MMKERNELS_CPU_BF16_PRODUCTS=") + forced +
                                   ": expected mkl, avx512_bf16 or fp32");
@@ -340,13 +344,10 @@ const char* const* supported_bf16_products(int* count) {
 }
 
 bool set_bf16_products(const char* name) {
-  for (const PathName& p : kPaths) {
-    if (std::strcmp(p.name, name) != 0) continue;
-    if (!runs(p.path)) return false;
-    g_bf16_choice.store(static_cast<int>(p.path), std::memory_order_release);
-    return true;
-  }
-  return false;
+  const PathName* hit = path_named(name);
+  if (hit == nullptr || !runs(hit->path)) return false;
+  g_bf16_choice.store(static_cast<int>(hit->path), std::memory_order_release);
+  return true;
 }
 
 }  // namespace mmkernels::cpu

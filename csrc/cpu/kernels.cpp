@@ -117,6 +117,23 @@ struct BlasProducts {
   }
 };
 
+// normalize=True on the bf16 product paths: the fp32 inverse norms of the inputs'
+// rows (a: N, b: M), applied as per-logit factors instead of normalized copies.
+struct InverseNorms {
+  Tensor a, b;  // undefined without normalize
+
+  InverseNorms(const Tensor& a_, const Tensor& b_, bool normalize) {
+    if (normalize) {
+      a = inv_norms(a_).contiguous();
+      b = inv_norms(b_).contiguous();
+    }
+  }
+  bool defined() const { return a.defined(); }
+  // The factors of rows i0.. of a (of b), or null without normalize.
+  const float* a_at(int64_t i0) const { return a.defined() ? a.data_ptr<float>() + i0 : nullptr; }
+  const float* b_at(int64_t j0) const { return b.defined() ? b.data_ptr<float>() + j0 : nullptr; }
+};
+
 // The same products on bf16 operands, fp32 accumulation and fp32 results
 // (gemm_bf16.h), for bf16 inputs on CPUs with AVX512-BF16. The operands are the
 // inputs themselves (exact), normalization the inverse norms applied to each
@@ -129,7 +146,7 @@ struct Bf16TileProducts {
   float scale;
   int64_t dim, d16, tm, tn, tn16;
   Tensor a16;          // (N, De) bf16, De = D rounded up to even (a zero pad column)
-  Tensor inv_a, inv_b; // normalize: (N), (M) fp32 inverse norms; else undefined
+  InverseNorms norms;
   Tensor b_logits;     // per column tile: B_j^T packed, (De / 2, tn16) words
   Tensor b_rows;       // backward, per column tile: B_j packed by rows, (ceil(tn / 2), d16) words
   Tensor a_rows;       // backward, per row tile: A_i packed by rows, (ceil(tm / 2), d16) words
@@ -138,21 +155,16 @@ struct Bf16TileProducts {
   static int64_t round_up(int64_t x, int64_t k) { return ceil_div(x, k) * k; }
   static uint32_t* words(const Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr()); }
   static uint16_t* halves(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
-  static const float* floats(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
   // a (N, D), b (M, D): the bf16 inputs.
   Bf16TileProducts(const Bf16Products& kernels, const Tensor& a, const Tensor& b, bool normalize, double scale_,
                    const Schedule& sched, bool backward)
       : k(kernels), scale(static_cast<float>(scale_)), dim(a.size(1)), d16(round_up(dim, 16)), tm(sched.tm),
-        tn(sched.tn), tn16(round_up(sched.tn, 16)) {
+        tn(sched.tn), tn16(round_up(sched.tn, 16)), norms(a, b, normalize) {
     const int64_t pad = dim & 1;
     auto operand = [&](const Tensor& x) { return (pad ? at::constant_pad_nd(x, {0, 1}) : x).contiguous(); };
     a16 = operand(a);
     const Tensor b16 = operand(b);
-    if (normalize) {
-      inv_a = inv_norms(a).contiguous();
-      inv_b = inv_norms(b).contiguous();
-    }
     const int64_t de = dim + pad, col_tiles = ceil_div(sched.m, tn), row_tiles = ceil_div(sched.n, tm);
     const auto word_opts = a.options().dtype(at::kInt);
     b_logits = at::empty({col_tiles, de / 2 * tn16}, word_opts);
@@ -186,10 +198,8 @@ struct Bf16TileProducts {
 
   void logits(int64_t, Tensor& s, int64_t i0, int64_t j0) const {
     const int64_t de2 = a16.size(1) / 2;
-    const float* ra = floats(inv_a);
-    const float* rb = floats(inv_b);
     k.gemm(s.size(0), s.size(1), de2, words(a16) + i0 * de2, de2, 1, words(b_logits[j0 / tn]), tn16, scale,
-           ra ? ra + i0 : nullptr, rb ? rb + j0 : nullptr, false, s.data_ptr<float>(), s.size(1));
+           norms.a_at(i0), norms.b_at(j0), false, s.data_ptr<float>(), s.size(1));
   }
 
   void p_products(int64_t c, const Tensor& p, int64_t i0, int64_t j0, Tensor* pb_i, bool add_pb, Tensor* pa_c,
@@ -197,11 +207,8 @@ struct Bf16TileProducts {
     const int64_t rows = p.size(0), cols = p.size(1), even = cols + (cols & 1);
     uint16_t* rounded = halves(p16[c]);
     uint32_t* pairs = words(p_pairs[c]);
-    const float* ra = floats(inv_a);
-    const float* rb = floats(inv_b);
     // Products with the normalized operands: P's columns times B's inverse norms, its rows times A's.
-    k.round_p(p.data_ptr<float>(), rows, cols, cols, ra ? ra + i0 : nullptr, rb ? rb + j0 : nullptr, rounded, pairs,
-              tn16);
+    k.round_p(p.data_ptr<float>(), rows, cols, cols, norms.a_at(i0), norms.b_at(j0), rounded, pairs, tn16);
     if (pb_i) {  // (rows, D) (+)= P (rows, cols) @ B_j (cols, D)
       k.gemm(rows, dim, even / 2, reinterpret_cast<const uint32_t*>(rounded), even / 2, 1, words(b_rows[j0 / tn]),
              d16, 1.0f, nullptr, nullptr, add_pb, pb_i->data_ptr<float>(), dim);
@@ -223,17 +230,14 @@ struct MklBf16TileProducts {
   float scale;
   int64_t dim;
   Tensor a16, b16;      // (N, D), (M, D) bf16, contiguous
-  Tensor inv_a, inv_b;  // normalize: (N), (M) fp32 inverse norms; else undefined
+  InverseNorms norms;
   Tensor p_cols, p_rows, scaled;  // backward, per chunk: P * B's factors, P * A's (bf16), an fp32 scratch
 
   MklBf16TileProducts(MklBf16Gemm gemm_, const Tensor& a, const Tensor& b, bool normalize, double scale_,
                       const Schedule& sched, bool backward)
-      : gemm(gemm_), scale(static_cast<float>(scale_)), dim(a.size(1)), a16(a.contiguous()), b16(b.contiguous()) {
+      : gemm(gemm_), scale(static_cast<float>(scale_)), dim(a.size(1)), a16(a.contiguous()), b16(b.contiguous()),
+        norms(a, b, normalize) {
     TORCH_CHECK(std::max({sched.n, sched.m, dim}) < (int64_t{1} << 31), "mkl bf16 products: sizes beyond 2^31");
-    if (normalize) {
-      inv_a = inv_norms(a).contiguous();
-      inv_b = inv_norms(b).contiguous();
-    }
     if (backward) {
       p_cols = at::empty({sched.chunks, sched.tm * sched.tn}, a.options());
       p_rows = at::empty({sched.chunks, sched.tm * sched.tn}, a.options());
@@ -249,7 +253,7 @@ struct MklBf16TileProducts {
     const int rows = static_cast<int>(s.size(0)), cols = static_cast<int>(s.size(1)), k = static_cast<int>(dim);
     gemm(kCblasRowMajor, kCblasNoTrans, kCblasTrans, rows, cols, k, scale, row(a16, i0), k, row(b16, j0), k, 0.0f,
          s.data_ptr<float>(), cols);
-    if (inv_a.defined()) s.mul_(inv_a.narrow(0, i0, rows).unsqueeze(1)).mul_(inv_b.narrow(0, j0, cols));
+    if (norms.defined()) s.mul_(norms.a.narrow(0, i0, rows).unsqueeze(1)).mul_(norms.b.narrow(0, j0, cols));
   }
 
   // P times factors (or P itself), rounded to bf16 into the chunk's buffer `out`.
@@ -264,13 +268,13 @@ struct MklBf16TileProducts {
                   bool add_pa) const {
     const int rows = static_cast<int>(p.size(0)), cols = static_cast<int>(p.size(1)), k = static_cast<int>(dim);
     if (pb_i) {  // (rows, D) (+)= (P * inv_b) (rows, cols) @ B_j (cols, D)
-      const Tensor pc = rounded(p, inv_b.defined() ? inv_b.narrow(0, j0, cols) : Tensor(), p_cols[c], scaled[c]);
+      const Tensor pc = rounded(p, norms.defined() ? norms.b.narrow(0, j0, cols) : Tensor(), p_cols[c], scaled[c]);
       gemm(kCblasRowMajor, kCblasNoTrans, kCblasNoTrans, rows, k, cols, 1.0f, pc.data_ptr(), cols, row(b16, j0), k,
            add_pb ? 1.0f : 0.0f, pb_i->data_ptr<float>(), k);
     }
     if (pa_c) {  // (cols, D) (+)= (P * inv_a)^T (cols, rows) @ A_i (rows, D)
       const Tensor pr =
-          rounded(p, inv_a.defined() ? inv_a.narrow(0, i0, rows).unsqueeze(1) : Tensor(), p_rows[c], scaled[c]);
+          rounded(p, norms.defined() ? norms.a.narrow(0, i0, rows).unsqueeze(1) : Tensor(), p_rows[c], scaled[c]);
       gemm(kCblasRowMajor, kCblasTrans, kCblasNoTrans, cols, k, rows, 1.0f, pr.data_ptr(), cols, row(a16, i0), k,
            add_pa ? 1.0f : 0.0f, pa_c->data_ptr<float>(), k);
     }

@@ -196,22 +196,28 @@ struct Variant {
 SimdVariant generic_variant() { return {true, generic_tile_ops<float>()}; }
 const Variant kVariants[] = {{"avx512", avx512_tile_ops}, {"avx2", avx2_tile_ops}, {"generic", generic_variant}};
 
+// The variant named `name` if it is compiled in and this CPU runs it, else null.
+const SimdVariant* runnable(const char* name, SimdVariant& made) {
+  for (const Variant& v : kVariants) {
+    if (std::strcmp(v.name, name) != 0) continue;
+    made = v.make();
+    return made.available && cpu_supports(v.name) ? &made : nullptr;
+  }
+  return nullptr;
+}
+
 TileOps<float> best_f32() {
+  SimdVariant made;
   // MMKERNELS_CPU_ISA forces one (tests of every path a machine runs); an unknown or
   // unsupported name is an error at the first float call.
   const char* forced = std::getenv("MMKERNELS_CPU_ISA");
   if (forced != nullptr && *forced != 0) {
-    for (const Variant& v : kVariants) {
-      if (std::strcmp(v.name, forced) != 0) continue;
-      SimdVariant made = v.make();
-      if (made.available && cpu_supports(v.name)) return made.ops;
-    }
+    if (runnable(forced, made)) return made.ops;
     throw std::invalid_argument(std::string("MMKERNELS_CPU_ISA=") + forced +
                                 ": not an instruction set this CPU runs (avx512, avx2 or generic)");
   }
   for (const Variant& v : kVariants) {
-    SimdVariant made = v.make();
-    if (made.available && cpu_supports(v.name)) return made.ops;
+    if (runnable(v.name, made)) return made.ops;
   }
   return generic_tile_ops<float>();
 }
@@ -249,8 +255,9 @@ const char* const* supported_isas(int* count) {
   static const char* names[3];
   static int n = [] {
     int k = 0;
+    SimdVariant made;
     for (const Variant& v : kVariants) {
-      if (v.make().available && cpu_supports(v.name)) names[k++] = v.name;
+      if (runnable(v.name, made)) names[k++] = v.name;
     }
     return k;
   }();
@@ -260,16 +267,14 @@ const char* const* supported_isas(int* count) {
 
 bool set_isa(const char* isa) {
   static TileOps<float> chosen[3];
+  SimdVariant made;
+  if (!runnable(isa, made)) return false;
   for (int k = 0; k < 3; ++k) {
-    const Variant& v = kVariants[k];
-    if (std::strcmp(v.name, isa) != 0) continue;
-    SimdVariant made = v.make();
-    if (!made.available || !cpu_supports(v.name)) return false;
+    if (std::strcmp(kVariants[k].name, isa) != 0) continue;
     chosen[k] = made.ops;
     g_f32.store(&chosen[k], std::memory_order_release);
-    return true;
   }
-  return false;
+  return true;
 }
 
 }  // namespace mmkernels::cpu
